@@ -1,0 +1,3 @@
+"""llmrec: fine-tune and align large language models for recommendation and personalization."""
+
+__version__ = "0.1.0"

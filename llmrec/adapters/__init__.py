@@ -1,0 +1,33 @@
+"""Adapters: how a base model becomes trainable, and how the trained part is saved and reloaded.
+
+Each method is one registry line below, pointing at an object with:
+
+* `config_class`: the dataclass whose fields `adapter.args` may set (validated like TRL configs), or None when
+  the method takes no arguments;
+* `attach(model, args) -> model`: wrap a freshly loaded base model for training;
+* `load(model, path, trainable) -> model`: wrap a base model with weights saved by `save`;
+* `save(model, path)`: write the trained part (safetensors) so that `load` restores it exactly.
+
+Methods with their own layers live in `adapters/<method>/` (config.py, model.py, layer.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from llmrec.errors import LLMRecError, did_you_mean
+
+ADAPTERS: dict[str, str] = {
+    "lora": "llmrec.adapters.stock:LORA",
+    "none": "llmrec.adapters.stock:FULL_FINE_TUNING",
+}
+
+
+def get_adapter(method: str, key: str = "adapter.method"):
+    if method not in ADAPTERS:
+        raise LLMRecError(
+            f"unknown adapter method {method!r}; the methods are {', '.join(ADAPTERS)}.{did_you_mean(method, ADAPTERS)}",
+            key,
+        )
+    module, attr = ADAPTERS[method].split(":")
+    return getattr(importlib.import_module(module), attr)

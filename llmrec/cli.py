@@ -1,0 +1,165 @@
+"""The `llmrec` command line.
+
+    llmrec train RECIPE [key=value ...] [--overwrite]
+    llmrec eval RUN_DIR [--split test|valid]
+    llmrec recommend RUN_DIR --user USER_ID [-k 10]
+    llmrec recipe check|show RECIPE [key=value ...] [--all]
+    llmrec data stats RECIPE [key=value ...]
+
+Many processes: `accelerate launch --config_file accelerate_configs/ddp.yaml -m llmrec train RECIPE`.
+Mistakes in the input print one paragraph naming the place and exit with status 2; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from llmrec.errors import LLMRecError, did_you_mean
+from llmrec.logs import get_logger, setup_logging
+
+logger = get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmrec", description="Fine-tune and align LLMs for recommendation.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run a recipe (resumes an interrupted run)")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", metavar="key=value")
+    train.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
+
+    evaluate = commands.add_parser("eval", help="evaluate a finished run again")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--split", choices=["test", "valid"], default=None)
+
+    recommend = commands.add_parser("recommend", help="top-K items for one user of a finished run")
+    recommend.add_argument("run_dir")
+    recommend.add_argument("--user", required=True)
+    recommend.add_argument("-k", type=int, default=10)
+
+    recipe = commands.add_parser("recipe", help="check or print a recipe")
+    recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True)
+    for name, text in (("check", "validate without running"), ("show", "print the resolved recipe with defaults")):
+        sub = recipe_commands.add_parser(name, help=text)
+        sub.add_argument("recipe")
+        sub.add_argument("overrides", nargs="*", metavar="key=value")
+        if name == "show":
+            sub.add_argument("--all", action="store_true", help="also list every field of each stage's TRL config")
+
+    data = commands.add_parser("data", help="inspect a recipe's data")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    stats = data_commands.add_parser("stats", help="load, filter and split the data; print counts and a prompt")
+    stats.add_argument("recipe")
+    stats.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    setup_logging(args.debug)
+    try:
+        _dispatch(args)
+    except LLMRecError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "recipe":
+        _recipe_command(args)
+    elif args.command == "data":
+        _data_stats(args)
+    elif args.command == "train":
+        from llmrec.recipe import load_recipe
+        from llmrec.run import train
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        train(recipe, overwrite=args.overwrite)
+    elif args.command == "eval":
+        _eval(args)
+    elif args.command == "recommend":
+        _recommend(args)
+
+
+def _recipe_command(args: argparse.Namespace) -> None:
+    from llmrec.recipe import all_stage_fields, dump_yaml, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.recipe_command == "check":
+        print(f"{args.recipe}: ok ({len(recipe.stages)} stage(s): {', '.join(s.trainer for s in recipe.stages) or 'none'})")
+        return
+    resolved = recipe.to_dict()
+    if args.all:
+        for index, stage in enumerate(resolved["stages"]):
+            stage["args"] = all_stage_fields(recipe, index)
+    print(dump_yaml(resolved), end="")
+
+
+def _data_stats(args: argparse.Namespace) -> None:
+    from llmrec.data import load_data, next_item_examples
+    from llmrec.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides, instantiate=False)
+    data = load_data(recipe.data, recipe.run.seed)
+    for key, value in data.stats().items():
+        print(f"{key:>20}: {value}")
+    train = next_item_examples(data, "train", recipe.data.task)
+    print(f"{'train examples':>20}: {len(train)}")
+    if len(train):
+        print("\nexample prompt:\n" + train[0]["prompt"] + "\nexample completion:\n" + train[0]["completion"])
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from llmrec.eval.ranking import evaluate_ranking
+    from llmrec.run import finish, load_trained
+
+    recipe, data, model, tokenizer, run = load_trained(args.run_dir)
+    split = args.split or recipe.eval.split
+    metrics, predictions = evaluate_ranking(model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split)
+    if PartialState().is_main_process:
+        finish(run, recipe, data, metrics, predictions, split)
+
+
+def _recommend(args: argparse.Namespace) -> None:
+    from llmrec.data.tasks import format_prompt
+    from llmrec.eval.ranking import build_trie, rank_with_model
+    from llmrec.run import load_trained
+
+    if args.k < 1:
+        raise LLMRecError("must be at least 1.", "-k")
+    recipe, data, model, tokenizer, _ = load_trained(args.run_dir)
+    sequences = data.user_sequences()
+    if args.user not in sequences:
+        raise LLMRecError(
+            f"user {args.user!r} has no interactions in this run's data ({len(sequences)} users, e.g. "
+            f"{', '.join(list(sequences)[:3])}).{did_you_mean(args.user, sequences)}",
+            "--user",
+        )
+    history = [item for item, _ in sequences[args.user]]
+    trie = build_trie(tokenizer, data, recipe.data.task)
+    k = min(args.k, trie.available(trie.banned_counts(history) if recipe.eval.exclude_history else None))
+    prompt = format_prompt(recipe.data.task, history, data.titles)
+    ranked = rank_with_model(
+        model, tokenizer, trie, [prompt], [history] if recipe.eval.exclude_history else None, k, 1, progress=False
+    )[0]
+    titles = data.titles
+    print(f"user {args.user}: {len(history)} interactions; last: {titles[history[-1]]}")
+    print(f"{'rank':>4}  {'item_id':<12} {'log-prob':>9}  title")
+    for rank, (item, score) in enumerate(ranked[: args.k], start=1):
+        print(f"{rank:>4}  {item:<12} {score:>9.3f}  {titles[item]}")
+

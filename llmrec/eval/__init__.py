@@ -1,0 +1,36 @@
+"""Evaluation: whole-catalog ranking by constrained beam search, with popularity and random baselines."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmrec.schema import Section
+
+
+class EvalConfig(Section):
+    """`eval`: how the trained model is evaluated at the end of a run (and by `llmrec eval`)."""
+
+    split: Literal["test", "valid"] = Field("test", description="Which targets to rank.")
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1, description="Cut-offs for HR@K and NDCG@K.")
+    num_beams: int | None = Field(None, ge=1, description="Beams (= items returned); default max(ks).")
+    batch_size: int = Field(8, ge=1, description="Prompts per beam-search batch.")
+    max_targets: int | None = Field(None, ge=1, description="Rank a seeded sample of this many targets (None: all).")
+    exclude_history: bool = Field(True, description="Never recommend items the user already interacted with.")
+    baselines: list[Literal["popularity", "random"]] = Field(default_factory=lambda: ["popularity", "random"])
+    valid_item_samples: int = Field(
+        100, ge=0, description="Targets used to measure the valid-item ratio of unconstrained generation (0: skip)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if any(k < 1 for k in self.ks):
+            raise ValueError("every K in ks must be at least 1")
+        if self.num_beams is not None and self.num_beams < max(self.ks):
+            raise ValueError(f"num_beams ({self.num_beams}) must be at least max(ks) ({max(self.ks)})")
+        return self
+
+    @property
+    def beams(self) -> int:
+        return self.num_beams or max(self.ks)

@@ -1,0 +1,246 @@
+"""Whole-catalog ranking of next-item recommendations.
+
+The model ranks the catalog by constrained beam search: `transformers`' beam search with a logits processor that
+restricts every beam to the catalog trie, `num_beams` beams and as many returned sequences, and
+`length_penalty=0` so a beam's score is the log-probability of the whole title (EOS included). Every returned
+sequence is a real, distinct item; the K best are the model's top-K. Items the user already interacted with are
+excluded through the trie (`exclude_history`), and the popularity and random baselines exclude them too, on the
+same targets, so the comparison is like for like.
+
+The valid-item ratio measures the model without the constraint: the share of greedy, unconstrained generations
+that are exactly a catalog title.
+
+Under several processes the targets are split between processes and the rankings gathered on every process.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from llmrec.data import NextItemTaskConfig, RecData, next_item_examples
+from llmrec.logs import get_logger
+
+from . import EvalConfig
+from .metrics import ranking_metrics
+from .trie import CatalogTrie
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Target:
+    user_id: str
+    item_id: str
+    history: list[str]
+    prompt: str
+
+
+def eval_targets(data: RecData, split: str, task: NextItemTaskConfig, max_targets: int | None, seed: int) -> list[Target]:
+    rows = next_item_examples(data, split, task)
+    targets = [Target(r["user_id"], r["item_id"], r["history"], r["prompt"]) for r in rows]
+    if max_targets is not None and len(targets) > max_targets:
+        targets = random.Random(seed).sample(targets, max_targets)
+    return targets
+
+
+def build_trie(tokenizer, data: RecData, task: NextItemTaskConfig) -> CatalogTrie:
+    return CatalogTrie.from_titles(tokenizer, data.titles, task.completion_anchor)
+
+
+# transformers gives unfilled beam slots a score of about -1e9; real title log-probabilities are far above this.
+_UNFILLED_SCORE = -1.0e8
+
+
+class CatalogConstraint(LogitsProcessor):
+    """Mask every token that leaves the catalog trie (or enters a title the user already has).
+
+    transformers' `PrefixConstrainedLogitsProcessor` refuses a beam with no allowed token, but beam search keeps
+    finished sequences as backup beams; here such a beam simply gets no continuation (every score -inf).
+    """
+
+    def __init__(self, trie: CatalogTrie, prompt_length: int, banned: list[dict[int, int]], num_beams: int):
+        self.trie, self.prompt_length, self.banned, self.num_beams = trie, prompt_length, banned, num_beams
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows, columns = [], []
+        for row, generated in enumerate(input_ids[:, self.prompt_length :].tolist()):
+            allowed = self.trie.allowed(generated, self.banned[row // self.num_beams])
+            rows.extend([row] * len(allowed))
+            columns.extend(allowed)
+        mask = torch.full_like(scores, float("-inf"))
+        mask[rows, columns] = 0.0
+        return scores + mask
+
+
+@torch.no_grad()
+def rank_with_model(
+    model,
+    tokenizer,
+    trie: CatalogTrie,
+    prompts: Sequence[str],
+    excluded: Sequence[Sequence[str]] | None,
+    num_beams: int,
+    batch_size: int,
+    progress: bool = True,
+) -> list[list[tuple[str, float]]]:
+    """For each prompt, up to `num_beams` (item, log-probability) pairs, best first."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    results: list[list[tuple[str, float]]] = []
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="Ranking the catalog", unit="batch", disable=not progress):
+        batch = list(prompts[start : start + batch_size])
+        banned = [trie.banned_counts(excluded[start + i]) if excluded else {} for i in range(len(batch))]
+        beams = max(1, min(num_beams, min(trie.available(b) for b in banned)))
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(device)
+        prompt_length = encoded["input_ids"].shape[1]
+        output = model.generate(
+            **encoded,
+            num_beams=beams,
+            num_return_sequences=beams,
+            max_new_tokens=trie.depth,
+            do_sample=False,
+            length_penalty=0.0,
+            early_stopping=True,
+            logits_processor=LogitsProcessorList([CatalogConstraint(trie, prompt_length, banned, beams)]),
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
+        sequences = output.sequences[:, prompt_length:].tolist()
+        scores = output.sequences_scores.tolist()
+        for row in range(len(batch)):
+            ranked, seen = [], set()
+            for j in range(row * beams, (row + 1) * beams):
+                tokens = sequences[j]
+                if eos in tokens:
+                    tokens = tokens[: tokens.index(eos) + 1]
+                item = trie.item_of(tokens)
+                if item is not None and item not in seen and scores[j] > _UNFILLED_SCORE:
+                    seen.add(item)
+                    ranked.append((item, scores[j]))
+            results.append(ranked)
+    model.train(was_training)
+    return results
+
+
+@torch.no_grad()
+def valid_item_ratio(model, tokenizer, titles: set[str], prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> float:
+    """Share of greedy, unconstrained generations that are exactly a catalog title."""
+    if not prompts:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    valid = 0
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start : start + batch_size])
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, padding_side="left").to(device)
+        output = model.generate(
+            **encoded,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        valid += sum(text.strip() in titles for text in texts)
+    model.train(was_training)
+    return valid / len(prompts)
+
+
+def popularity_order(data: RecData) -> list[str]:
+    """Catalog items by training interactions, most popular first (ties by item id)."""
+    counts = data.popularity("train")
+    return sorted(data.titles, key=lambda item: (-counts.get(item, 0), item))
+
+
+def top_k_excluding(order: Sequence[str], excluded: Sequence[str], k: int) -> list[str]:
+    skip, out = set(excluded), []
+    for item in order:
+        if item not in skip:
+            out.append(item)
+            if len(out) == k:
+                break
+    return out
+
+
+def random_ranking(items: Sequence[str], excluded: Sequence[str], k: int, rng: random.Random) -> list[str]:
+    skip = set(excluded)
+    pool = [item for item in items if item not in skip]
+    return rng.sample(pool, min(k, len(pool)))
+
+
+def evaluate_ranking(model, tokenizer, data: RecData, task: NextItemTaskConfig, config: EvalConfig, seed: int, split: str | None = None):
+    """(metrics, predictions). Metric keys: '<split>/hr@10', ..., '<split>/valid_item_ratio', and the baselines as
+    'baseline/<name>/hr@10' (test split) or 'baseline/<name>/<split>/hr@10' (other splits)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    split = split or config.split
+    targets = eval_targets(data, split, task, config.max_targets, seed)
+    trie = build_trie(tokenizer, data, task)
+    logger.info(f"Ranking {len(data.titles)} items for {len(targets)} {split} targets ({config.beams} beams).")
+
+    indices = list(range(len(targets)))
+    with state.split_between_processes(indices, apply_padding=True) as mine:
+        ranked = rank_with_model(
+            model,
+            tokenizer,
+            trie,
+            [targets[i].prompt for i in mine],
+            [targets[i].history for i in mine] if config.exclude_history else None,
+            config.beams,
+            config.batch_size,
+            progress=state.is_main_process,
+        )
+        local = list(zip(mine, ranked))
+    gathered = gather_object(local) if state.num_processes > 1 else local
+    by_index = dict(gathered)
+    rankings = [[item for item, _ in by_index[i]] for i in indices]
+
+    metrics = {f"{split}/{key}": value for key, value in ranking_metrics(rankings, [t.item_id for t in targets], config.ks).items()}
+    metrics[f"{split}/targets"] = len(targets)
+    metrics[f"{split}/catalog_items"] = len(trie)
+
+    if config.valid_item_samples:
+        sample = targets[: config.valid_item_samples]
+        metrics[f"{split}/valid_item_ratio"] = valid_item_ratio(
+            model, tokenizer, set(data.titles.values()), [t.prompt for t in sample], trie.depth + 2, config.batch_size
+        )
+
+    k = max(config.ks)
+    prefix = "baseline/{name}/" if split == "test" else f"baseline/{{name}}/{split}/"
+    rng = random.Random(seed)
+    items = sorted(data.titles)
+    for name in config.baselines:
+        if name == "popularity":
+            order = popularity_order(data)
+            base = [top_k_excluding(order, t.history if config.exclude_history else [], k) for t in targets]
+        else:
+            base = [random_ranking(items, t.history if config.exclude_history else [], k, rng) for t in targets]
+        for key, value in ranking_metrics(base, [t.item_id for t in targets], config.ks).items():
+            metrics[prefix.format(name=name) + key] = value
+
+    titles = data.titles
+    predictions = [
+        {
+            "user_id": t.user_id,
+            "target": t.item_id,
+            "target_title": titles[t.item_id],
+            "ranked": [{"item_id": item, "title": titles[item], "logprob": round(score, 4)} for item, score in by_index[i]],
+        }
+        for i, t in enumerate(targets)
+    ]
+    return metrics, predictions

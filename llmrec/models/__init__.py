@@ -1,0 +1,76 @@
+"""Base model and tokenizer: a `tiny:<preset>`, a Hugging Face Hub id, or a local folder.
+
+Hub and local models load through `AutoModelForCausalLM` with safetensors only; `trust_remote_code` is off
+unless the recipe sets it. Tiny models are built once per run directory (`base/`) and reloaded from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from llmrec.errors import LLMRecError
+from llmrec.files import atomic_dir
+from llmrec.logs import get_logger
+from llmrec.schema import Section
+
+from .tiny import build_tiny_model, is_tiny, preset_of, train_tokenizer
+
+logger = get_logger(__name__)
+
+
+class ModelConfig(Section):
+    """`model`: the base model."""
+
+    name: str = Field(description="'tiny:<preset>', a Hub id such as 'Qwen/Qwen2.5-1.5B', or a local folder.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' is the checkpoint's own (float32 for tiny models)."
+    )
+    attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'eager', 'flash_attention_2'.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with a Hub model. Off unless you trust it.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer_vocab_size: int = Field(1024, ge=300, description="tiny only: BPE vocabulary size.")
+    tiny_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="tiny only: config fields to change, e.g. {hidden_size: 96}."
+    )
+
+    def check(self) -> None:
+        if is_tiny(self.name):
+            preset_of(self.name)
+
+
+def load_base(
+    config: ModelConfig, base_dir: Path, texts: Callable[[], Iterable[str]], seed: int, main_process: bool
+):
+    """(model, tokenizer). For tiny models, the first call builds them into `base_dir`; later calls reload."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if is_tiny(config.name):
+        if not (base_dir / "config.json").is_file():
+            if not main_process:
+                raise RuntimeError(f"{base_dir} should have been written by the main process first")
+            logger.info(f"Building {config.name} and training its tokenizer (vocabulary {config.tokenizer_vocab_size}).")
+            tokenizer = train_tokenizer(texts(), config.tokenizer_vocab_size)
+            model = build_tiny_model(config.name, tokenizer, seed, config.tiny_overrides)
+            with atomic_dir(base_dir) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+        source, options = str(base_dir), {}
+    else:
+        source = config.name
+        options = {"trust_remote_code": config.trust_remote_code, "revision": config.revision}
+    dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=config.attn_implementation, use_safetensors=True, **options
+        )
+    except OSError as err:
+        raise LLMRecError(f"could not load model {source!r}: {err}", "model.name") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

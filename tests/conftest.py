@@ -1,0 +1,74 @@
+"""Shared fixtures: a small recipe that trains in seconds, and the location of the shared ml-100k data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = Path(os.environ.get("LLMREC_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def small_recipe(output_dir: Path, name: str = "small", **sections) -> dict:
+    """A recipe on a small synthetic world that trains for a few steps."""
+    recipe = {
+        "run": {"name": name, "seed": 0, "output_dir": str(output_dir)},
+        "model": {"name": "tiny:qwen2-xs", "tokenizer_vocab_size": 400},
+        "data": {"source": {"format": "synthetic", "num_users": 60, "num_items": 40, "max_interactions": 15}},
+        "adapter": {"method": "lora", "args": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}},
+        "stages": [
+            {
+                "trainer": "sft",
+                "args": {
+                    "max_steps": 6,
+                    "per_device_train_batch_size": 8,
+                    "learning_rate": 3e-3,
+                    "logging_steps": 2,
+                    "save_steps": 3,
+                    "max_length": 128,
+                },
+            }
+        ],
+        "eval": {"ks": [5, 10], "batch_size": 16, "valid_item_samples": 8},
+    }
+    for key, value in sections.items():
+        recipe[key] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m llmrec ARGS` in a fresh process (exit codes and stderr as a user sees them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "llmrec", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path / "recipe.yaml", small_recipe(tmp_path / "runs"))
+
+
+needs_ml100k = pytest.mark.skipif(
+    not (ML100K / "ml-100k.inter").is_file(),
+    reason=f"the shared MovieLens-100K files are not at {ML100K} (set LLMREC_ML100K to their folder)",
+)

@@ -1,0 +1,45 @@
+"""`accelerate launch` with two CPU processes: both ranks train, only rank 0 writes the run directory."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, small_recipe, write_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_multi_cpu_config_really_runs_two_processes(tmp_path):
+    recipe = small_recipe(tmp_path / "runs")
+    recipe["stages"][0]["args"].update(max_steps=4, save_steps=2, logging_steps=1)
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/multi_cpu.yaml",
+         "--main_process_port", str(_free_port()), "-m", "llmrec", "train", str(path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stderr.splitlines()
+    for rank in (0, 1):
+        assert f"[llmrec rank {rank}/2] finished step 4/4" in lines
+    writes = [line for line in lines if "] wrote " in line]
+    assert writes and all(line.startswith("[llmrec rank 0/2] wrote ") for line in writes)
+    assert {line.rsplit("/", 1)[-1] for line in writes} >= {"recipe.yaml", "result", "final", "metrics.json", "README.md"}
+
+    run = tmp_path / "runs" / "small"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["run/world_size"] == 2
+    assert metrics["test/targets"] == 60  # the two ranks' shares gathered back into one evaluation
+    assert len((run / "predictions" / "test.jsonl").read_text().splitlines()) == 60
+    assert sorted(p.name for p in (run / "checkpoints" / "stage0-sft").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob("*.partial"))
