@@ -151,3 +151,14 @@ def test_popularity_order_counts_training_interactions_only():
     )
     catalog = pd.DataFrame({"item_id": ["a", "b", "c"], "title": ["A", "B", "C"]})
     assert popularity_order(RecData.from_frames(interactions, catalog, "t")) == ["b", "a", "c"]
+
+
+def test_one_beam_scores_like_beam_search(model, tokenizer):
+    trie = CatalogTrie.from_titles(tokenizer, TITLES, ANCHOR)
+    prompt = f"History:\nQuiet Garden{ANCHOR}"
+    [[(item, score)]] = rank_with_model(model, tokenizer, trie, [prompt], None, 1, 1, progress=False)
+    assert score == pytest.approx(_brute_force(model, tokenizer, prompt, trie)[item], abs=1e-4)
+    only = {"i0": TITLES["i0"], "i1": TITLES["i1"]}
+    small = CatalogTrie.from_titles(tokenizer, only, ANCHOR)
+    [ranked] = rank_with_model(model, tokenizer, small, [prompt], [["i0"]], 5, 1, progress=False)
+    assert [item for item, _ in ranked] == ["i1"]  # one item left after the history: one beam

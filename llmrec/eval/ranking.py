@@ -112,12 +112,13 @@ def rank_with_model(
             early_stopping=True,
             logits_processor=LogitsProcessorList([CatalogConstraint(trie, prompt_length, banned, beams)]),
             output_scores=True,
+            output_logits=beams == 1,
             return_dict_in_generate=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos,
         )
         sequences = output.sequences[:, prompt_length:].tolist()
-        scores = output.sequences_scores.tolist()
+        scores = output.sequences_scores.tolist() if beams > 1 else _greedy_logprobs(output, prompt_length, eos)
         for row in range(len(batch)):
             ranked, seen = [], set()
             for j in range(row * beams, (row + 1) * beams):
@@ -131,6 +132,17 @@ def rank_with_model(
             results.append(ranked)
     model.train(was_training)
     return results
+
+
+def _greedy_logprobs(output, prompt_length: int, eos: int) -> list[float]:
+    """With one beam, generate() is greedy and reports no sequence score: sum the unconstrained log-probabilities
+    of the chosen tokens up to EOS, as beam search scores them."""
+    chosen = output.sequences[:, prompt_length:]
+    logprobs = torch.stack(output.logits, dim=1).float().log_softmax(-1)
+    picked = logprobs.gather(-1, chosen[:, : logprobs.shape[1], None]).squeeze(-1)
+    ended = (chosen[:, : logprobs.shape[1]] == eos).long().cumsum(-1)
+    keep = (ended == 0) | ((ended == 1) & (chosen[:, : logprobs.shape[1]] == eos))
+    return (picked * keep).sum(-1).tolist()
 
 
 @torch.no_grad()
