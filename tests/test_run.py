@@ -48,6 +48,13 @@ def test_small_run_leaves_a_complete_self_describing_run_directory(tmp_path, cap
     after = json.loads((run / "metrics.json").read_text())
     assert {k: after[k] for k in before} == pytest.approx(before, abs=1e-6)
 
+    assert main(["eval", str(run), "--split", "valid"]) == 0
+    both = json.loads((run / "metrics.json").read_text())
+    assert 0 <= both["valid/hr@10"] <= 1 and 0 <= both["baseline/popularity/valid/hr@10"] <= 1
+    assert both["test/hr@10"] == after["test/hr@10"]
+    assert (run / "predictions" / "valid.jsonl").is_file()
+    assert "## Results (test split" in (run / "README.md").read_text()
+
     capsys.readouterr()
     assert main(["recommend", str(run), "--user", "u0001", "-k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -61,6 +68,13 @@ def test_small_run_leaves_a_complete_self_describing_run_directory(tmp_path, cap
     assert main(["train", str(recipe_path)]) == 0
     assert json.loads((run / "metrics.json").read_text())["test/hr@5"] == metrics["test/hr@5"]
     assert history  # the user had a test target
+
+
+def test_data_stats_prints_counts_and_a_prompt(recipe_file, capsys):
+    assert main(["data", "stats", str(recipe_file)]) == 0
+    out = capsys.readouterr().out
+    assert "users: 60" in out and "items: 40" in out and "test_interactions: 60" in out
+    assert "example prompt:\nA user's recent items, oldest first:" in out
 
 
 def test_a_different_recipe_for_an_existing_run_is_refused(tmp_path, capsys):
