@@ -235,7 +235,7 @@ def _train_and_evaluate(recipe: Recipe, run: RunDir, data: RecData, state) -> di
         history = read_json(run.stage_result(recipe, index) / RESULT_MARKER)
         stage_metrics[recipe.stage_label(index)] = history["summary"]
 
-    if not recipe.stages:
+    if first == len(recipe.stages):  # nothing trained in this process, so the model is still where it was loaded
         model.to(state.device)
     if state.is_main_process:
         with atomic_dir(run.final) as tmp:

@@ -162,3 +162,15 @@ def test_one_beam_scores_like_beam_search(model, tokenizer):
     small = CatalogTrie.from_titles(tokenizer, only, ANCHOR)
     [ranked] = rank_with_model(model, tokenizer, small, [prompt], [["i0"]], 5, 1, progress=False)
     assert [item for item, _ in ranked] == ["i1"]  # one item left after the history: one beam
+
+
+def test_local_folders_load_with_dtype_and_attention_options(model, tokenizer, tmp_path):
+    model.save_pretrained(tmp_path / "local")
+    tokenizer.save_pretrained(tmp_path / "local")
+    config = ModelConfig(name=str(tmp_path / "local"), dtype="bfloat16", attn_implementation="eager")
+    loaded, loaded_tokenizer = load_base(config, tmp_path / "unused", lambda: pytest.fail("not a tiny model"), 0, True)
+    assert loaded.dtype == torch.bfloat16 and loaded.config._attn_implementation == "eager"
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(LLMRecError, match="model.name: could not load model"):
+        load_base(ModelConfig(name=str(tmp_path / "missing")), tmp_path / "unused", list, 0, True)
