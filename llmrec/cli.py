@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a finished run again")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--split", choices=["test", "valid"], default=None)
+    evaluate.add_argument("--split", choices=["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"], default=None,
+                          help="one split (default: every split of the recipe's eval.splits)")
 
     recommend = commands.add_parser("recommend", help="top-K items for one user of a finished run")
     recommend.add_argument("run_dir")
@@ -138,10 +139,16 @@ def _eval(args: argparse.Namespace) -> None:
     from llmrec.run import finish, load_trained
 
     recipe, data, model, tokenizer, run = load_trained(args.run_dir)
-    split = args.split or recipe.eval.split
-    metrics, predictions = evaluate_ranking(model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split)
+    if args.split and args.split.startswith("ood_") and recipe.data.shift(args.split.removeprefix("ood_")) is None:
+        raise LLMRecError(f"this run's data have no {args.split.removeprefix('ood_')} shift (see data.shifts).", "--split")
+    metrics, predictions = {}, {}
+    for split in [args.split] if args.split else recipe.eval.splits:
+        split_metrics, predictions[split] = evaluate_ranking(
+            model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split, recipe.data.shifts
+        )
+        metrics.update(split_metrics)
     if PartialState().is_main_process:
-        finish(run, recipe, data, metrics, predictions, split)
+        finish(run, recipe, data, metrics, predictions)
 
 
 def _recommend(args: argparse.Namespace) -> None:

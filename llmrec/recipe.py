@@ -18,7 +18,7 @@ and a misspelt one never passes silently. `key=value` overrides use dotted paths
 (`stages.0.args.learning_rate=1e-4`); values are parsed as YAML.
 
 llmrec sets a few stage defaults that differ from TRL's (`STAGE_DEFAULTS`): no external loggers, fp32 and no
-gradient checkpointing unless the recipe asks (GPU recipes set `bf16: true`), and the run's seed. `use_cpu` is
+activation (gradient) checkpointing unless the recipe asks (GPU recipes set `bf16: true`), and the run's seed. `use_cpu` is
 decided at run time from the hardware and is not part of the recipe.
 """
 
@@ -47,7 +47,6 @@ from llmrec.trainers import get_stage
 STAGE_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "bf16": False,
-    "gradient_checkpointing": False,
     "logging_steps": 10,
     "save_strategy": "steps",
     "save_steps": 50,
@@ -76,6 +75,7 @@ class StageConfig(Section):
 
     trainer: str = Field(description="A trainer (llmrec.trainers.TRAINERS), e.g. 'sft'.")
     name: str | None = Field(None, description="A label for logs and the checkpoint folder.")
+    data: dict[str, Any] = Field(default_factory=dict, description="How the stage builds its rows (e.g. negatives).")
     args: dict[str, Any] = Field(default_factory=dict, description="Fields of the trainer's TRL config class.")
 
 
@@ -97,7 +97,19 @@ class Recipe(Section):
 
     def stage_args(self, index: int) -> dict[str, Any]:
         """The stage's arguments: llmrec's defaults, the run seed, then the recipe's own args."""
-        return {**STAGE_DEFAULTS, "seed": self.run.seed, **self.stages[index].args}
+        args = self.stages[index].args
+        defaults = {**STAGE_DEFAULTS, "seed": self.run.seed}
+        if not {"activation_checkpointing", "gradient_checkpointing"} & set(args):
+            # TRL turns checkpointing on by default; off unless asked. transformers 5 renamed the field.
+            config_class = get_stage(self.stages[index].trainer, f"stages.{index}.trainer").config_class
+            names = {f.name for f in dataclasses.fields(config_class)}
+            defaults["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = False
+        return {**defaults, **args}
+
+    def stage_data(self, index: int):
+        """The stage's `data` section, validated by its trainer's data model (None when it takes none)."""
+        spec = get_stage(self.stages[index].trainer, f"stages.{index}.trainer")
+        return spec.data_config.model_validate(self.stages[index].data) if spec.data_config else None
 
     def stage_config(self, index: int, output_dir: str | Path):
         """The stage's TRL config object."""
@@ -113,6 +125,11 @@ class Recipe(Section):
         """The resolved recipe: every section with its defaults, stage args with llmrec's defaults."""
         resolved = self.model_dump(mode="json")
         for index, stage in enumerate(resolved["stages"]):
+            data = self.stage_data(index)
+            if data is None:
+                del stage["data"]
+            else:
+                stage["data"] = data.model_dump(mode="json")
             stage["args"] = self.stage_args(index)
         return resolved
 
@@ -265,17 +282,19 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def _union_sections(annotation: Any) -> dict[str, type[Section]] | None:
-    """{format tag: section class} when `annotation` is a union of sections told apart by `format`."""
+def _union_sections(annotation: Any) -> tuple[str, dict[Any, type[Section]]] | None:
+    """(tag field, {tag: section class}) when `annotation` is a union of sections told apart by a Literal field
+    (`format` for data sources, `kind` for shifts)."""
     annotation = _unwrap(annotation)
     if get_origin(annotation) not in (Union, types.UnionType):
         return None
-    tags = {}
-    for member in get_args(annotation):
-        if isinstance(member, type) and issubclass(member, Section) and "format" in member.model_fields:
-            for tag in get_args(member.model_fields["format"].annotation):
-                tags[tag] = member
-    return tags or None
+    members = [m for m in get_args(annotation) if isinstance(m, type) and issubclass(m, Section)]
+    if len(members) < 2:
+        return None
+    for name in members[0].model_fields:
+        if all(name in m.model_fields and get_origin(m.model_fields[name].annotation) is typing.Literal for m in members):
+            return name, {tag: m for m in members for tag in get_args(m.model_fields[name].annotation)}
+    return None
 
 
 def _unknown_keys(annotation: Any, raw: Any, where: Path_) -> list[tuple[Path_, str]]:
@@ -283,8 +302,9 @@ def _unknown_keys(annotation: Any, raw: Any, where: Path_) -> list[tuple[Path_, 
     problems: list[tuple[Path_, str]] = []
     union = _union_sections(annotation)
     if union is not None:
-        if isinstance(raw, dict) and raw.get("format") in union:
-            return _unknown_keys(union[raw["format"]], raw, where)
+        tag, members = union
+        if isinstance(raw, dict) and raw.get(tag) in members:
+            return _unknown_keys(members[raw[tag]], raw, where)
         return problems
     annotation = _unwrap(annotation)
     if isinstance(annotation, type) and issubclass(annotation, Section) and isinstance(raw, dict):
@@ -311,8 +331,8 @@ def _pydantic_path(loc: tuple, annotation: Any = None) -> Path_:
     while parts:
         part = parts.pop(0)
         union = _union_sections(annotation)
-        if union is not None and part in union:
-            annotation = union[part]
+        if union is not None and part in union[1]:
+            annotation = union[1][part]
             continue
         out.append(part)
         annotation = _unwrap(annotation)
@@ -335,9 +355,10 @@ def _pydantic_message(error: dict) -> str:
         tags = context.get("expected_tags", "")
         tag = context.get("tag", "")
         suggestion = did_you_mean(tag, re.findall(r"[\w-]+", tags))
-        return f"unknown format {tag!r}; expected one of {tags}.{suggestion}"
+        return f"unknown {context.get('discriminator', 'tag').strip(chr(39))} {tag!r}; expected one of {tags}.{suggestion}"
     if kind == "union_tag_not_found":
-        return f"a 'format' key is required here; expected one of {error.get('ctx', {}).get('expected_tags', '')}."
+        context = error.get("ctx", {})
+        return f"a {context.get('discriminator', 'tag')} key is required here; expected one of {context.get('expected_tags', '')}."
     message = message.removeprefix("Value error, ")
     shown = error.get("input")
     if not isinstance(shown, (dict, list)):
@@ -381,6 +402,20 @@ def check_dataclass_args(config_class: type, args: dict, where: Path_, places: _
     return errors
 
 
+def _check_stage_data(spec, data: dict, where: Path_, places: _Places) -> list[str]:
+    if spec.data_config is None:
+        return [f"{places(where)}: this trainer builds its own rows and takes no data section."] if data else []
+    errors = [f"{places(at)}: {message}" for at, message in _unknown_keys(spec.data_config, data, where)]
+    if not errors:
+        try:
+            spec.data_config.model_validate(data)
+        except ValidationError as err:
+            errors = [
+                f"{places((*where, *_pydantic_path(e['loc'], spec.data_config)))}: {_pydantic_message(e)}" for e in err.errors()
+            ]
+    return errors
+
+
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) or str(annotation)
     return text.replace("typing.", "").replace("NoneType", "None")
@@ -417,7 +452,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), i
     try:
         recipe.model.check()
     except LLMRecError as err:
-        raise LLMRecError(err.message, places(("model", "name"))) from None
+        raise LLMRecError(err.message, places(_split_key(err.place or "model"))) from None
     errors = []
     try:
         adapter = get_adapter(recipe.adapter.method)
@@ -434,7 +469,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), i
         except LLMRecError as err:
             errors.append(f"{places(('stages', index, 'trainer'))}: {err.message}")
             continue
+        errors += _check_stage_data(spec, stage.data, ("stages", index, "data"), places)
         errors += check_dataclass_args(spec.config_class, stage.args, ("stages", index, "args"), places)
+    for split in recipe.eval.splits:
+        if split.startswith("ood_") and recipe.data.shift(split.removeprefix("ood_")) is None:
+            errors.append(f"{places(('eval', 'splits'))}: {split!r} needs a {split.removeprefix('ood_')} entry in data.shifts.")
     if errors:
         raise LLMRecError("\n".join(errors))
     if instantiate:

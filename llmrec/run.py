@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.utils import is_peft_model
 
 from llmrec.adapters import get_adapter
 from llmrec.data import RecData, load_data
@@ -230,7 +231,8 @@ def _train_and_evaluate(recipe: Recipe, run: RunDir, data: RecData, state) -> di
 
     stage_metrics: dict[str, Any] = {}
     for index in range(first, len(recipe.stages)):
-        model, stage_metrics[recipe.stage_label(index)] = _run_stage(recipe, run, data, model, tokenizer, index, state)
+        source = str(run.stage_result(recipe, index - 1)) if index else _base_source(recipe, run)
+        model, stage_metrics[recipe.stage_label(index)] = _run_stage(recipe, run, data, model, tokenizer, index, state, source)
     for index in range(first):
         history = read_json(run.stage_result(recipe, index) / RESULT_MARKER)
         stage_metrics[recipe.stage_label(index)] = history["summary"]
@@ -250,7 +252,12 @@ def _train_and_evaluate(recipe: Recipe, run: RunDir, data: RecData, state) -> di
 
     from llmrec.eval.ranking import evaluate_ranking
 
-    eval_metrics, predictions = evaluate_ranking(model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed)
+    eval_metrics, predictions = {}, {}
+    for split in recipe.eval.splits:
+        split_metrics, predictions[split] = evaluate_ranking(
+            model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split, recipe.data.shifts
+        )
+        eval_metrics.update(split_metrics)
     metrics = {
         **eval_metrics,
         **{f"train/{label}/{k}": v for label, summary in stage_metrics.items() for k, v in summary.items()},
@@ -258,16 +265,31 @@ def _train_and_evaluate(recipe: Recipe, run: RunDir, data: RecData, state) -> di
         "run/seed": recipe.run.seed,
     }
     if state.is_main_process:
-        finish(run, recipe, data, metrics, predictions, recipe.eval.split)
+        finish(run, recipe, data, metrics, predictions)
     state.wait_for_everyone()
     return metrics
 
 
-def _run_stage(recipe: Recipe, run: RunDir, data: RecData, model, tokenizer, index: int, state):
+def _base_source(recipe: Recipe, run: RunDir) -> str:
+    from llmrec.models.tiny import is_tiny
+
+    return str(run.base) if is_tiny(recipe.model.name) else recipe.model.name
+
+
+def _run_stage(recipe: Recipe, run: RunDir, data: RecData, model, tokenizer, index: int, state, model_source: str):
     spec = get_stage(recipe.stages[index].trainer, f"stages.{index}.trainer")
     stage_dir = run.stage_dir(recipe, index)
     config = recipe.stage_config(index, stage_dir)
-    context = StageContext(recipe, data, tokenizer, index, wants_eval=config.eval_strategy != "no")
+    context = StageContext(
+        recipe,
+        data,
+        model,
+        tokenizer,
+        index,
+        wants_eval=config.eval_strategy != "no",
+        data_config=recipe.stage_data(index),
+        model_source=model_source,
+    )
     train_dataset, eval_dataset = spec.build_datasets(context)
     if len(train_dataset) == 0:
         raise LLMRecError(
@@ -290,6 +312,8 @@ def _run_stage(recipe: Recipe, run: RunDir, data: RecData, model, tokenizer, ind
     if resume is not None:
         logger.info(f"Resuming stage {index} from {resume}.")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if is_peft_model(trainer.model) and "ref" in trainer.model.peft_config:
+        trainer.model.delete_adapter("ref")  # TRL's frozen reference copy; the stage's result is the policy alone
 
     partial = stage_dir / "result.partial"
     if state.is_main_process:
@@ -322,13 +346,14 @@ def stage_summary(log_history: list[dict], global_step: int) -> dict:
     return summary
 
 
-def finish(run: RunDir, recipe: Recipe, data: RecData, metrics: dict, predictions: list[dict], split: str) -> None:
-    """Write predictions, merge metrics.json, draw curves.png, write the model card, mark the run complete."""
+def finish(run: RunDir, recipe: Recipe, data: RecData, metrics: dict, predictions: dict[str, list[dict]]) -> None:
+    """Write predictions (per split), merge metrics.json, draw curves.png, write the model card, mark the run
+    complete."""
     from llmrec.eval.plots import draw_curves
     from llmrec.publish.card import write_card
 
-    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
-    write_text(run.predictions / f"{split}.jsonl", lines)
+    for split, rows in predictions.items():
+        write_text(run.predictions / f"{split}.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in rows))
     merged = {**run.metrics(), **metrics}
     histories = {}
     for index in range(len(recipe.stages)):
@@ -344,26 +369,27 @@ def finish(run: RunDir, recipe: Recipe, data: RecData, metrics: dict, prediction
     write_json(run.metrics_file, merged)
     _wrote(run.metrics_file)
     run.set_status("complete")
-    print_summary(merged, recipe, split)
+    print_summary(merged, recipe, list(predictions))
 
 
-def print_summary(metrics: dict, recipe: Recipe, split: str | None = None) -> None:
-    """The ranking metrics of the model and the baselines, side by side, on stdout."""
-    split = split or recipe.eval.split
-    names = [("model", f"{split}/")] + [
-        (name, f"baseline/{name}/" if split == "test" else f"baseline/{name}/{split}/") for name in recipe.eval.baselines
-    ]
-    columns = [f"{m}@{k}" for k in sorted(recipe.eval.ks) for m in ("hr", "ndcg")]
-    rows = [f"{'':<12}" + "".join(f"{c:>10}" for c in columns)]
-    for name, prefix in names:
-        values = [metrics.get(prefix + c) for c in columns]
-        rows.append(f"{name:<12}" + "".join(f"{v:>10.4f}" if isinstance(v, float) else f"{'-':>10}" for v in values))
-    print(f"\n{split} ranking over {metrics.get(f'{split}/catalog_items', '?')} items, "
-          f"{metrics.get(f'{split}/targets', '?')} targets:")
-    print("\n".join(rows))
-    ratio = metrics.get(f"{split}/valid_item_ratio")
-    if ratio is not None:
-        print(f"valid-item ratio of unconstrained generation: {ratio:.4f}")
+def print_summary(metrics: dict, recipe: Recipe, splits: list[str] | None = None) -> None:
+    """The ranking metrics of the model and the baselines, side by side, on stdout (one table per split)."""
+    from llmrec.eval.ranking import baseline_prefix
+
+    for split in splits or recipe.eval.splits:
+        names = [("model", f"{split}/")] + [(name, baseline_prefix(name, split)) for name in recipe.eval.baselines]
+        columns = [f"{m}@{k}" for k in sorted(recipe.eval.ks) for m in ("hr", "ndcg")]
+        columns.append(f"over_rec@{max(recipe.eval.ks)}")
+        rows = [f"{'':<12}" + "".join(f"{c:>12}" for c in columns)]
+        for name, prefix in names:
+            values = [metrics.get(prefix + c) for c in columns]
+            rows.append(f"{name:<12}" + "".join(f"{v:>12.4f}" if isinstance(v, float) else f"{'-':>12}" for v in values))
+        print(f"\n{split} ranking over {metrics.get(f'{split}/catalog_items', '?')} items, "
+              f"{metrics.get(f'{split}/targets', '?')} targets:")
+        print("\n".join(rows))
+        ratio = metrics.get(f"{split}/valid_item_ratio")
+        if ratio is not None:
+            print(f"valid-item ratio of unconstrained generation: {ratio:.4f}")
 
 
 def load_trained(run_dir: str | Path):

@@ -244,3 +244,84 @@ def test_default_world_through_load_data():
     counts = Counter(data.interactions_frame.split)
     assert counts["train"] == stats["interactions"] - 800
     assert set(data.catalog_frame.genre) <= set(GENRES)
+
+
+# --- preference rows and shifts --------------------------------------------------------------------------------
+
+
+def _world(**source):
+    return load_data(_config({"format": "synthetic", "num_users": 80, "num_items": 60, "max_interactions": 15, **source}), 0)
+
+
+def test_negatives_avoid_positives_and_follow_the_sampler():
+    from llmrec.data import PreferenceDataConfig, pairwise_rows, preference_examples
+
+    data = _world()
+    task = NextItemTaskConfig()
+    titles = data.titles
+    positives = {}
+    frame = data.interactions_frame
+    for user, item in zip(frame[frame.split == "train"].user_id, frame[frame.split == "train"].item_id):
+        positives.setdefault(user, set()).add(titles[item])
+    rows = preference_examples(data, "train", task, PreferenceDataConfig(negatives=4), 0)
+    assert len(rows) == len(next_item_examples(data, "train", task))
+    for row in rows:
+        assert len(row["rejected"]) == len(set(row["rejected"])) == 4
+        assert row["chosen"] not in row["rejected"] and not set(row["rejected"]) & positives[row["user_id"]]
+    assert rows["environment"][0] == 0
+
+    counts = data.popularity("train")
+    popular = preference_examples(data, "train", task, PreferenceDataConfig(negatives=4, sampler="popularity"), 0)
+    by_title = {titles[i]: counts.get(i, 0) for i in titles}
+    mean_pop = lambda dataset: sum(by_title[t] for r in dataset["rejected"] for t in r) / (4 * len(dataset))  # noqa: E731
+    assert mean_pop(popular) > 1.1 * mean_pop(rows)  # popular items are also more often positives, so excluded
+
+    ranked = sorted(titles)[:6]
+    hard = preference_examples(data, "train", task, PreferenceDataConfig(negatives=2, sampler="model", model_top_k=6), 0,
+                               rank=lambda prompts, excluded, k: [ranked for _ in prompts])
+    for row in hard:
+        allowed = [titles[i] for i in ranked if titles[i] != row["chosen"] and titles[i] not in positives[row["user_id"]]]
+        assert set(row["rejected"]) <= set(allowed) or len(allowed) < 2
+    assert len(pairwise_rows(rows.select(range(3)))) == 12
+
+    with pytest.raises(LLMRecError, match="600 negatives per row"):
+        preference_examples(data, "train", task, PreferenceDataConfig(negatives=600), 0)
+
+
+def test_temporal_shift_holds_out_each_users_latest_interactions():
+    data = load_data(_config({"format": "synthetic", "num_users": 50, "num_items": 60}, shifts=[{"kind": "temporal", "fraction": 0.2}]), 0)
+    frame = data.interactions_frame
+    for _, user in frame.groupby("user_id", sort=False):
+        splits = list(user.split)
+        n_ood = max(1, -(-len(splits) * 2 // 10))
+        assert splits[-n_ood:] == ["ood_temporal"] * n_ood
+        assert splits[:-n_ood][-2:] == ["valid", "test"]  # leave-one-out on what is left
+    assert len(next_item_examples(data, "ood_temporal", NextItemTaskConfig())) == (frame.split == "ood_temporal").sum()
+
+
+def test_environment_shift_never_trains_on_held_out_users():
+    source = {"format": "synthetic", "num_users": 80, "num_items": 60, "exposure_bias": [1.0, 0.0], "environment_weights": [0.7, 0.3]}
+    data = load_data(_config(source, shifts=[{"kind": "environment", "ood_environments": [1]}]), 0)
+    frame = data.interactions_frame
+    held = frame[frame.environment == 1]
+    assert set(held.split) == {"context", "ood_environment"}
+    assert (held.groupby("user_id").split.last() == "ood_environment").all()
+    assert set(frame[frame.environment == 0].split) == {"train", "valid", "test"}
+    targets = next_item_examples(data, "ood_environment", NextItemTaskConfig())
+    assert len(targets) == held.user_id.nunique() and all(len(h) > 0 for h in targets["history"])
+    with pytest.raises(LLMRecError, match="hold every user"):
+        load_data(_config({"format": "synthetic", "num_users": 30, "num_items": 60},
+                          shifts=[{"kind": "environment", "ood_environments": [0]}]), 0)
+
+
+def test_popularity_shift_draws_unpopular_targets():
+    from collections import Counter as C
+
+    from llmrec.data import popularity_shift_sample
+    from llmrec.data.shifts import PopularityShift
+
+    items = [f"i{k}" for k in range(100)]
+    counts = C({item: 1 + 100 * (1 - k % 2) for k, item in enumerate(items)})  # even items popular
+    picked = popularity_shift_sample(items, counts, PopularityShift(kind="popularity", size=30), 0)
+    assert len(picked) == len(set(picked)) == 30
+    assert sum(k % 2 for k in picked) > 25  # the unpopular (odd) items dominate

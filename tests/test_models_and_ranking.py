@@ -174,3 +174,13 @@ def test_local_folders_load_with_dtype_and_attention_options(model, tokenizer, t
     assert not (tmp_path / "unused").exists()
     with pytest.raises(LLMRecError, match="model.name: could not load model"):
         load_base(ModelConfig(name=str(tmp_path / "missing")), tmp_path / "unused", list, 0, True)
+
+
+def test_over_recommendation_ratio_by_hand():
+    from llmrec.eval.metrics import over_recommendation
+
+    rankings = [["a", "b", "c", "d"], ["a", "b", "e", "f"], ["a", "c", "g", "h"]]
+    # top-2 slots: a a a b b c -> the three most frequent (a, b, c) fill all 6
+    assert over_recommendation(rankings, 2) == 1.0
+    # top-4 slots (12): a×3, b×2, c×2 -> 7/12
+    assert over_recommendation(rankings, 4) == pytest.approx(7 / 12)

@@ -170,3 +170,26 @@ def test_recipe_check_cli_exit_codes(tmp_path, capsys):
 def test_every_shipped_recipe_is_valid(path):
     recipe = load_recipe(path, instantiate=False)
     assert recipe.stages, "every shipped recipe trains something"
+
+
+def test_stage_data_sections_are_validated_by_the_trainer(tmp_path):
+    path = REPO / "recipes" / "causal_dpo" / "tiny.yaml"
+    with pytest.raises(LLMRecError, match=r"stages\.1\.data\.negativs: unknown key.*Did you mean 'negatives'\?"):
+        load_recipe(path, ["stages.1.data.negativs=3"], instantiate=False)
+    with pytest.raises(LLMRecError, match=r"stages\.1\.data\.sampler: .*'uniform', 'popularity' or 'model'"):
+        load_recipe(path, ["stages.1.data.sampler=hard"], instantiate=False)
+    with pytest.raises(LLMRecError, match=r"stages\.0\.data: this trainer builds its own rows"):
+        load_recipe(path, ["stages.0.data={negatives: 2}"], instantiate=False)
+    with pytest.raises(LLMRecError, match=r"stages\.1\.args\.num_enviroments: .*Did you mean 'num_environments'\?"):
+        load_recipe(path, ["stages.1.args.num_enviroments=3"], instantiate=False)
+    resolved = load_recipe(path, instantiate=False).to_dict()
+    assert resolved["stages"][1]["data"]["model_top_k"] == 20 and "data" not in resolved["stages"][0]
+
+
+def test_ood_splits_need_their_shift(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", small_recipe(tmp_path, eval={"splits": ["test", "ood_temporal"]}))
+    with pytest.raises(LLMRecError, match=r"eval\.splits: 'ood_temporal' needs a temporal entry in data\.shifts"):
+        load_recipe(path, instantiate=False)
+    with pytest.raises(LLMRecError, match=r"data\.shifts\.0: unknown kind 'temporl'.*Did you mean 'temporal'\?"):
+        load_recipe(path, ["data.shifts=[{kind: temporl}]"], instantiate=False)
+    assert load_recipe(path, ["data.shifts=[{kind: temporal}]"], instantiate=False).data.shifts[0].fraction == 0.2

@@ -53,7 +53,8 @@ def test_small_run_leaves_a_complete_self_describing_run_directory(tmp_path, cap
     assert 0 <= both["valid/hr@10"] <= 1 and 0 <= both["baseline/popularity/valid/hr@10"] <= 1
     assert both["test/hr@10"] == after["test/hr@10"]
     assert (run / "predictions" / "valid.jsonl").is_file()
-    assert "## Results (test split" in (run / "README.md").read_text()
+    card = (run / "README.md").read_text()
+    assert "## Results: test (60 targets" in card and "## Results: validation (60 targets" in card
 
     capsys.readouterr()
     assert main(["recommend", str(run), "--user", "u0001", "-k", "3"]) == 0

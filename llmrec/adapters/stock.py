@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM
 
 
@@ -16,6 +16,8 @@ class StockPeftAdapter:
     config_class: type
 
     def attach(self, model, args: dict):
+        if getattr(model, "is_quantized", False):  # QLoRA: fp32 norms and input gradients for the k-bit base
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, self.config_class(task_type="CAUSAL_LM", **args))
 
     def load(self, model, path: Path, trainable: bool = False):

@@ -1,16 +1,19 @@
-"""Recommendation data: loaders and synthetic worlds -> filters -> checks -> per-user split -> `RecData`."""
+"""Recommendation data: loaders and synthetic worlds -> checks -> filters -> OOD hold-out -> per-user split -> `RecData`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
+import pandas as pd
 from pydantic import Field
 
 from llmrec.schema import Section
 
 from .filters import FilterConfig, apply_filters
 from .loaders import AmazonSource, MovieLens1MSource, MovieLens100KSource, RecBoleSource, TableSource
+from .preferences import PreferenceDataConfig, pairwise_rows, preference_examples
 from .recdata import RawData, RecData
+from .shifts import OOD_SPLITS, ShiftConfig, hold_out, ood_split, popularity_shift_sample
 from .splits import SplitConfig, split_interactions
 from .synthetic import SyntheticWorldConfig
 from .tasks import NextItemTaskConfig, next_item_examples
@@ -27,6 +30,10 @@ class DataConfig(Section):
     source: Source = Field(default_factory=lambda: SyntheticWorldConfig(format="synthetic"))
     filters: FilterConfig = Field(default_factory=FilterConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    shifts: list[ShiftConfig] = Field(default_factory=list, description="Out-of-distribution test sets to add.")
+
+    def shift(self, kind: str) -> ShiftConfig | None:
+        return next((shift for shift in self.shifts if shift.kind == kind), None)
     task: NextItemTaskConfig = Field(default_factory=NextItemTaskConfig)
 
 
@@ -37,7 +44,8 @@ def load_data(config: DataConfig, seed: int) -> RecData:
     interactions = apply_filters(checked.interactions_frame, config.filters)
     catalog = checked.catalog_frame
     catalog = catalog[catalog["item_id"].isin(set(interactions["item_id"]))]
-    interactions = split_interactions(interactions, config.split)
+    kept, held = hold_out(interactions, config.shifts)
+    interactions = pd.concat([split_interactions(kept, config.split), held]).sort_index(kind="stable")
     return RecData.from_frames(interactions, catalog, raw.name, {"source": raw.interactions_place})
 
 
@@ -45,10 +53,17 @@ __all__ = [
     "DataConfig",
     "FilterConfig",
     "NextItemTaskConfig",
+    "OOD_SPLITS",
+    "PreferenceDataConfig",
     "RawData",
     "RecData",
+    "ShiftConfig",
     "SplitConfig",
     "SyntheticWorldConfig",
     "load_data",
     "next_item_examples",
+    "ood_split",
+    "pairwise_rows",
+    "popularity_shift_sample",
+    "preference_examples",
 ]

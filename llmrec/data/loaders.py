@@ -112,22 +112,24 @@ class MovieLens100KSource(Section):
 
 
 class MovieLens1MSource(Section):
-    """MovieLens-1M: `ratings.dat` and `movies.dat`, fields separated by '::', latin-1."""
+    """MovieLens-1M and -10M: `ratings.dat` and `movies.dat`, fields separated by '::'."""
 
-    format: Literal["ml-1m"]
+    format: Literal["ml-1m", "ml-10m"]
     path: str = Field(description="Folder holding ratings.dat and movies.dat.")
+    encoding: str = Field("latin-1", description="ml-1m is latin-1; ml-10m is utf-8.")
 
     def load(self, seed: int) -> RawData:
-        ratings = existing_file(Path(self.path) / "ratings.dat", "data.source.path", "ml-1m needs ratings.dat and movies.dat")
-        movies = existing_file(Path(self.path) / "movies.dat", "data.source.path", "ml-1m needs ratings.dat and movies.dat")
-        inter = _read_double_colon(ratings, ["user_id", "item_id", "rating", "timestamp"])
-        catalog = _read_double_colon(movies, ["item_id", "title", "genres"])
-        return RawData(inter, catalog, str(ratings), str(movies), "ml-1m")
+        need = f"{self.format} needs ratings.dat and movies.dat"
+        ratings = existing_file(Path(self.path) / "ratings.dat", "data.source.path", need)
+        movies = existing_file(Path(self.path) / "movies.dat", "data.source.path", need)
+        inter = _read_double_colon(ratings, ["user_id", "item_id", "rating", "timestamp"], self.encoding)
+        catalog = _read_double_colon(movies, ["item_id", "title", "genres"], self.encoding)
+        return RawData(inter, catalog, str(ratings), str(movies), self.format)
 
 
-def _read_double_colon(path: Path, names: list[str]) -> pd.DataFrame:
+def _read_double_colon(path: Path, names: list[str], encoding: str) -> pd.DataFrame:
     rows = []
-    with open(path, encoding="latin-1") as handle:
+    with open(path, encoding=encoding) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -29,7 +29,6 @@ logger = get_logger(__name__)
 
 REQUIRED_INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 REQUIRED_CATALOG_COLUMNS = ("item_id", "title")
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -165,7 +164,7 @@ class RecData:
             "density": round(len(frame) / max(1, self.num_users * self.num_items), 6),
         }
         if "split" in frame.columns:
-            out.update({f"{s}_interactions": int((frame["split"] == s).sum()) for s in SPLITS})
+            out.update({f"{s}_interactions": int(n) for s, n in frame["split"].value_counts().sort_index().items()})
         if "environment" in frame.columns:
             out["environments"] = int(frame["environment"].nunique())
         out.update(self.info)

@@ -12,7 +12,9 @@ from llmrec.schema import Section
 class EvalConfig(Section):
     """`eval`: how the trained model is evaluated at the end of a run (and by `llmrec eval`)."""
 
-    split: Literal["test", "valid"] = Field("test", description="Which targets to rank.")
+    splits: list[Literal["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"]] = Field(
+        default_factory=lambda: ["test"], min_length=1, description="Which targets to rank (ood_<kind> needs that shift)."
+    )
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1, description="Cut-offs for HR@K and NDCG@K.")
     num_beams: int | None = Field(None, ge=1, description="Beams (= items returned); default max(ks).")
     batch_size: int = Field(8, ge=1, description="Prompts per beam-search batch.")

@@ -13,7 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> None:
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    order = ("test", "ood_popularity", "ood_temporal", "ood_environment", "valid")
+    splits = [split for split in order if any(k.startswith(f"{split}/hr@") for k in metrics)]
+    figure, axes = plt.subplots(1, 1 + len(splits), figsize=(6 * (1 + len(splits)), 4.5))
+    loss_axis, metric_axes = axes[0], axes[1:]
     offset = 0
     for label, history in histories.items():
         train = [(h["step"] + offset, h["loss"]) for h in history if "loss" in h]
@@ -23,25 +26,11 @@ def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> 
         if valid:
             loss_axis.plot(*zip(*valid), marker="o", label=f"{label} valid")
         offset += max((h.get("step", 0) for h in history), default=0)
-    loss_axis.set(title="Training loss", xlabel="optimizer step", ylabel="loss")
+    loss_axis.set(title="Training loss", xlabel="optimizer step (stages one after another)", ylabel="loss")
     if histories:
         loss_axis.legend()
-
-    split = "test" if any(k.startswith("test/hr@") for k in metrics) else "valid"
-    ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith(f"{split}/hr@"))
-    systems = {"model": f"{split}/"}
-    for key in metrics:
-        parts = key.split("/")
-        if parts[0] == "baseline" and parts[-1].startswith("hr@") and (len(parts) == 3) == (split == "test"):
-            systems[parts[1]] = "/".join(parts[:-1]) + "/"
-    labels = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")]
-    width = 0.8 / max(1, len(systems))
-    for i, (name, prefix) in enumerate(systems.items()):
-        values = [metrics.get(f"{prefix}{m.lower()}@{k}", 0.0) for k in ks for m in ("HR", "NDCG")]
-        metric_axis.bar([x + i * width for x in range(len(labels))], values, width, label=name)
-    metric_axis.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(labels))], labels)
-    metric_axis.set(title=f"Whole-catalog ranking ({split})", ylabel="score")
-    metric_axis.legend()
+    for axis, split in zip(metric_axes, splits):
+        _ranking_bars(axis, metrics, split)
     figure.tight_layout()
 
     fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=".png", dir=path.parent)
@@ -53,3 +42,21 @@ def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> 
         plt.close(figure)
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _ranking_bars(axis, metrics: dict, split: str) -> None:
+    ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith(f"{split}/hr@"))
+    systems = {"model": f"{split}/"}
+    for key in metrics:
+        parts = key.split("/")
+        in_split = len(parts) == 3 if split == "test" else (len(parts) == 4 and parts[2] == split)
+        if parts[0] == "baseline" and parts[-1].startswith("hr@") and in_split:
+            systems[parts[1]] = "/".join(parts[:-1]) + "/"
+    labels = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")]
+    width = 0.8 / max(1, len(systems))
+    for i, (name, prefix) in enumerate(systems.items()):
+        values = [metrics.get(f"{prefix}{m.lower()}@{k}", 0.0) for k in ks for m in ("HR", "NDCG")]
+        axis.bar([x + i * width for x in range(len(labels))], values, width, label=name)
+    axis.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(labels))], labels)
+    axis.set(title=f"Whole-catalog ranking ({split})", ylabel="score")
+    axis.legend()

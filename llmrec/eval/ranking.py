@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from llmrec.data import NextItemTaskConfig, RecData, next_item_examples
+from llmrec.data import NextItemTaskConfig, RecData, ShiftConfig, next_item_examples, ood_split, popularity_shift_sample
 from llmrec.logs import get_logger
 
 from . import EvalConfig
@@ -41,9 +41,17 @@ class Target:
     prompt: str
 
 
-def eval_targets(data: RecData, split: str, task: NextItemTaskConfig, max_targets: int | None, seed: int) -> list[Target]:
-    rows = next_item_examples(data, split, task)
+def eval_targets(
+    data: RecData, split: str, task: NextItemTaskConfig, max_targets: int | None, seed: int, shifts: list[ShiftConfig]
+) -> list[Target]:
+    """The targets of a split; the popularity-shift OOD set is drawn from the test targets here."""
+    drawn = split == ood_split("popularity")
+    rows = next_item_examples(data, "test" if drawn else split, task)
     targets = [Target(r["user_id"], r["item_id"], r["history"], r["prompt"]) for r in rows]
+    if drawn:
+        shift = next(s for s in shifts if s.kind == "popularity")
+        picked = popularity_shift_sample([t.item_id for t in targets], data.popularity("train"), shift, seed)
+        targets = [targets[i] for i in picked]
     if max_targets is not None and len(targets) > max_targets:
         targets = random.Random(seed).sample(targets, max_targets)
     return targets
@@ -193,15 +201,22 @@ def random_ranking(items: Sequence[str], excluded: Sequence[str], k: int, rng: r
     return rng.sample(pool, min(k, len(pool)))
 
 
-def evaluate_ranking(model, tokenizer, data: RecData, task: NextItemTaskConfig, config: EvalConfig, seed: int, split: str | None = None):
-    """(metrics, predictions). Metric keys: '<split>/hr@10', ..., '<split>/valid_item_ratio', and the baselines as
-    'baseline/<name>/hr@10' (test split) or 'baseline/<name>/<split>/hr@10' (other splits)."""
+def baseline_prefix(name: str, split: str) -> str:
+    """Metric-key prefix of a baseline: 'baseline/<name>/' on the test split, 'baseline/<name>/<split>/' elsewhere."""
+    return f"baseline/{name}/" if split == "test" else f"baseline/{name}/{split}/"
+
+
+def evaluate_ranking(
+    model, tokenizer, data: RecData, task: NextItemTaskConfig, config: EvalConfig, seed: int, split: str,
+    shifts: list[ShiftConfig],
+):
+    """(metrics, predictions) of one split. Metric keys: '<split>/hr@10', '<split>/ndcg@10', '<split>/over_rec@10',
+    ..., '<split>/valid_item_ratio', and the baselines under `baseline_prefix(name, split)`."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
     state = PartialState()
-    split = split or config.split
-    targets = eval_targets(data, split, task, config.max_targets, seed)
+    targets = eval_targets(data, split, task, config.max_targets, seed, shifts)
     trie = build_trie(tokenizer, data, task)
     logger.info(f"Ranking {len(data.titles)} items for {len(targets)} {split} targets ({config.beams} beams).")
 
@@ -233,7 +248,6 @@ def evaluate_ranking(model, tokenizer, data: RecData, task: NextItemTaskConfig, 
         )
 
     k = max(config.ks)
-    prefix = "baseline/{name}/" if split == "test" else f"baseline/{{name}}/{split}/"
     rng = random.Random(seed)
     items = sorted(data.titles)
     for name in config.baselines:
@@ -243,7 +257,7 @@ def evaluate_ranking(model, tokenizer, data: RecData, task: NextItemTaskConfig, 
         else:
             base = [random_ranking(items, t.history if config.exclude_history else [], k, rng) for t in targets]
         for key, value in ranking_metrics(base, [t.item_id for t in targets], config.ks).items():
-            metrics[prefix.format(name=name) + key] = value
+            metrics[baseline_prefix(name, split) + key] = value
 
     titles = data.titles
     predictions = [

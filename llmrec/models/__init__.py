@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from llmrec.errors import LLMRecError
+from llmrec.errors import LLMRecError, did_you_mean
 from llmrec.files import atomic_dir
 from llmrec.logs import get_logger
 from llmrec.schema import Section
@@ -32,6 +32,11 @@ class ModelConfig(Section):
     attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'eager', 'flash_attention_2'.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a Hub model. Off unless you trust it.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    quantization: dict[str, Any] | None = Field(
+        None,
+        description="bitsandbytes options (fields of transformers.BitsAndBytesConfig), e.g. {load_in_4bit: true, "
+        "bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype: bfloat16} for QLoRA; needs llmrec[qlora] and a GPU.",
+    )
     tokenizer_vocab_size: int = Field(1024, ge=300, description="tiny only: BPE vocabulary size.")
     tiny_overrides: dict[str, Any] = Field(
         default_factory=dict, description="tiny only: config fields to change, e.g. {hidden_size: 96}."
@@ -40,6 +45,18 @@ class ModelConfig(Section):
     def check(self) -> None:
         if is_tiny(self.name):
             preset_of(self.name)
+        if self.quantization:
+            import inspect
+
+            from transformers import BitsAndBytesConfig
+
+            known = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+            for key in self.quantization:
+                if key not in known:
+                    raise LLMRecError(
+                        f"{key!r} is not an option of transformers.BitsAndBytesConfig.{did_you_mean(key, known)}",
+                        f"model.quantization.{key}",
+                    )
 
 
 def load_base(
@@ -63,11 +80,17 @@ def load_base(
     else:
         source = config.name
         options = {"trust_remote_code": config.trust_remote_code, "revision": config.revision}
+    quantization = {}
+    if config.quantization:
+        from transformers import BitsAndBytesConfig
+
+        quantization["quantization_config"] = BitsAndBytesConfig(**config.quantization)
     dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=config.attn_implementation, use_safetensors=True, **options
+            source, dtype=dtype, attn_implementation=config.attn_implementation, use_safetensors=True, **options,
+            **quantization,
         )
     except OSError as err:
         raise LLMRecError(f"could not load model {source!r}: {err}", "model.name") from None

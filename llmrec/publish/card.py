@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llmrec.data import RecData
 from llmrec.data.splits import describe_split
+from llmrec.eval.ranking import baseline_prefix
 from llmrec.files import write_text
 from llmrec.recipe import Recipe
 
@@ -24,32 +25,57 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _metric_table(metrics: dict, recipe: Recipe) -> str:
-    split = recipe.eval.split
+SPLIT_NAMES = {
+    "test": "test",
+    "ood_popularity": "popularity-shift test",
+    "ood_temporal": "temporal-shift test",
+    "ood_environment": "environment-shift test",
+    "valid": "validation",
+}
+
+
+def _metric_table(metrics: dict, recipe: Recipe, split: str) -> str:
     ks = sorted(recipe.eval.ks)
-    header = "| system | " + " | ".join(f"HR@{k} | NDCG@{k}" for k in ks) + " |"
-    rule = "|---|" + "---|---|" * len(ks)
-    rows = [header, rule]
+    columns = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")] + [f"over_rec@{max(ks)}"]
+    header = "| system | " + " | ".join(c.upper().replace("OVER_REC", "over-rec.") for c in columns) + " |"
+    rows = [header, "|---|" + "---|" * len(columns)]
     systems = [("this model", f"{split}/")] + [
-        (f"{name} baseline", f"baseline/{name}/" if split == "test" else f"baseline/{name}/{split}/")
-        for name in recipe.eval.baselines
+        (f"{name} baseline", baseline_prefix(name, split)) for name in recipe.eval.baselines
     ]
     for name, prefix in systems:
-        cells = []
-        for k in ks:
-            for metric in ("hr", "ndcg"):
-                value = metrics.get(f"{prefix}{metric}@{k}")
-                cells.append(f"{value:.4f}" if isinstance(value, float) else "–")
+        cells = [f"{metrics[prefix + c]:.4f}" if isinstance(metrics.get(prefix + c), float) else "–" for c in columns]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
+def _results(metrics: dict, recipe: Recipe) -> str:
+    sections = []
+    for split in SPLIT_NAMES:
+        if f"{split}/targets" not in metrics:
+            continue
+        ratio = metrics.get(f"{split}/valid_item_ratio")
+        sections.append(
+            f"## Results: {SPLIT_NAMES[split]} ({metrics[f'{split}/targets']} targets, "
+            f"{metrics.get(f'{split}/catalog_items', '?')} candidate items)\n\n{_metric_table(metrics, recipe, split)}\n"
+            + (f"\nValid-item ratio of unconstrained greedy generation: {ratio:.4f}\n" if isinstance(ratio, float) else "")
+        )
+    return "\n".join(sections)
+
+
+def _shift(recipe: Recipe) -> str:
+    details = {
+        "popularity": lambda s: f"test targets re-drawn with weight popularity^-{s.power}",
+        "temporal": lambda s: f"each user's latest {s.fraction:.0%} of interactions",
+        "environment": lambda s: f"the users of environments {s.ood_environments}, never trained on",
+    }
+    shifts = [f"{s.kind} shift ({details[s.kind](s)})" for s in recipe.data.shifts]
+    return f"; out-of-distribution tests: {'; '.join(shifts)}" if shifts else ""
+
+
 def write_card(path: Path, recipe: Recipe, data: RecData, metrics: dict) -> None:
-    split = recipe.eval.split
     stats = data.stats()
     adapter = recipe.adapter.method if recipe.adapter.method != "none" else "none (full fine-tuning)"
     stages = ", ".join(stage.trainer for stage in recipe.stages) or "none (evaluation of the base model)"
-    ratio = metrics.get(f"{split}/valid_item_ratio")
     versions = library_versions()
     text = f"""---
 library_name: llmrec
@@ -67,21 +93,19 @@ constrained beam search, so every recommendation is a real item.
 - **Adapter:** {adapter} {recipe.adapter.args or ''}
 - **Stages:** {stages}
 - **Data:** {stats['name']} — {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions;
-  split {describe_split(recipe.data.split)}; prompts show the last {recipe.data.task.history_length} items.
+  split {describe_split(recipe.data.split)}{_shift(recipe)}; prompts show the last {recipe.data.task.history_length} items.
 - **Seed:** {recipe.run.seed}
 
-## Results ({split} split, {metrics.get(f'{split}/targets', '?')} targets, {metrics.get(f'{split}/catalog_items', '?')} candidate items)
-
-{_metric_table(metrics, recipe)}
-
-{'Valid-item ratio of unconstrained greedy generation: ' + f'{ratio:.4f}' if isinstance(ratio, float) else ''}
+{_results(metrics, recipe)}
 Items the user had already interacted with are {'excluded from' if recipe.eval.exclude_history else 'allowed in'} every ranking.
+The over-recommendation ratio is the share of all top-{max(recipe.eval.ks)} slots taken by the three most recommended
+items (high values mean every user gets the same few items).
 
 ## Use
 
 ```bash
 llmrec recommend {path.parent} --user USER_ID -k 10
-llmrec eval {path.parent} --split test
+llmrec eval {path.parent}
 ```
 
 ## Recipe

@@ -21,18 +21,28 @@ if TYPE_CHECKING:
 
 TRAINERS: dict[str, str] = {
     "sft": "llmrec.trainers.sft:SFT",
+    "dpo": "llmrec.trainers.dpo:DPO",
+    "softmax_dpo": "llmrec.trainers.softmax_dpo:SOFTMAX_DPO",
+    "causal_dpo": "llmrec.trainers.causal_dpo:CAUSAL_DPO",
 }
 
 
 @dataclass
 class StageContext:
-    """What a stage's dataset builder may use."""
+    """What a stage's dataset builder and trainer arguments may use."""
 
     recipe: Recipe
     data: RecData
+    model: Any
     tokenizer: Any
     index: int
     wants_eval: bool
+    data_config: Any = None  # the stage's `data` section, validated against StageSpec.data_config
+    model_source: str = ""  # where the model at the start of this stage was loaded from (a folder or a Hub id)
+
+
+def _no_kwargs(context: StageContext) -> dict:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -41,8 +51,10 @@ class StageSpec:
     trainer_class: type
     build_datasets: Callable[[StageContext], tuple[Dataset, Dataset | None]]
     description: str
-    # llmrec passes the model as built by the adapter; methods that need extra trainer arguments add them here.
-    trainer_kwargs: Callable[[StageContext], dict] = lambda context: {}
+    # the pydantic section that validates the stage's `data` (None: the stage takes no `data` section)
+    data_config: type | None = None
+    # llmrec passes the model as built by the adapter; methods that need extra trainer arguments add them here
+    trainer_kwargs: Callable[[StageContext], dict] = _no_kwargs
 
 
 def get_stage(name: str, key: str) -> StageSpec:

@@ -1,0 +1,379 @@
+"""CausalDPO: softmax DPO with environment inference, a backdoor adjustment and an invariance penalty.
+
+From "Causal Direct Preference Optimization for Distributionally Robust Generative Recommendation" (arXiv
+2603.22335). A latent environment E (an exposure regime, a time period) drives both the history X and the
+preference Y; plain DPO learns E-driven shortcuts such as popularity. CausalDPO targets p(Y | do(X)):
+
+1. **Environments.** z_i = g(h_i), with h_i the policy's last hidden state at the last prompt token and g a
+   trainable linear map; K trainable centres c_k; memberships p_ik = softmax_k(−‖z_i − c_k‖² / τ). The centres start
+   from k-means++ (then a few Lloyd steps) on z over a sample of training prompts. g and the centres form the
+   `EnvironmentHead`, registered on the model (so the optimizer trains it) and saved beside the adapter as
+   `environment_head.safetensors` + `environment_head.json`. In the `known` mode p_ik is the one-hot label of a
+   dataset column instead.
+2. **Backdoor adjustment.** Per-row losses ℓ_i (softmax DPO), environment risks R_k = Σ_i p_ik ℓ_i / Σ_i p_ik, and
+   L_BA = Σ_k P(k) R_k. P(k) is `uniform` or `marginal`: the mean membership over the training set — estimated by
+   the initialisation pass, then a running mean over every training row seen — never the batch mean, with which
+   L_BA would collapse to the plain mean of ℓ_i.
+3. **Invariance.** λ · the mean over environment pairs of a weighted MMD² (RBF kernel, median-heuristic or fixed
+   bandwidth) between the membership-weighted distributions of a per-row statistic: the preference logit
+   −log Σ_j exp(r_j − r_w) (β-scaled reward margin; the margin itself for J = 1) or the state z; or `vrex`, the
+   variance of R_k across environments.
+
+L = L_BA + λ · L_inv. With K = 1 and λ = 0 this is `SoftmaxDPOTrainer` exactly (tests/test_alignment.py).
+
+Choices where the paper is silent: the gradient of every term flows into g, the centres and the policy (the
+environments are learnt with the model, as the paper's joint objective says; the authors' release never trained
+them); an environment with no membership mass in a batch (Σ_i p_ik < 1e-6) is left out of that batch's L_BA and
+L_inv and the prior is renormalised over the others; the median heuristic sets σ² to the median pairwise squared
+distance of the batch's statistics (detached); in the `known` mode with the `state` statistic, h stands in for z.
+Under several processes each one clusters its own batch, and the running marginal follows the first process's rows
+(DDP broadcasts module buffers from it).
+We do not reproduce the release's defects listed in the method file (token-id averaging, untrained clustering
+parameters, first-token states under left padding, an ignored β).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmrec.data import PreferenceDataConfig
+from llmrec.errors import LLMRecError
+
+from . import StageSpec
+from .preference_stage import reference_model_kwargs
+from .softmax_dpo import PolicyOutput, SoftmaxDPOConfig, SoftmaxDPOTrainer, build_datasets
+
+HEAD_WEIGHTS = "environment_head.safetensors"
+HEAD_CONFIG = "environment_head.json"
+
+
+@dataclass
+class CausalDPOConfig(SoftmaxDPOConfig):
+    r"""
+    Configuration of [`CausalDPOTrainer`]: every field of [`SoftmaxDPOConfig`] (so of `trl.DPOConfig`), plus:
+
+        > Parameters that control the environments
+
+        num_environments (`int`, defaults to `2`): K, the number of environments.
+        environment_mode (`str`, defaults to `"inferred"`): `"inferred"` (soft clustering of the policy's prompt
+            states) or `"known"` (one-hot memberships from `environment_column`).
+        environment_column (`str`, defaults to `"environment"`): the dataset column of the `known` mode.
+        environment_dim (`int`, defaults to `16`): dimension of z = g(h).
+        environment_temperature (`float`, defaults to `1.0`): τ of the soft memberships.
+        environment_init_samples (`int`, defaults to `512`): training prompts used to initialise the centres.
+
+        > Parameters that control the loss
+
+        backdoor_prior (`str`, defaults to `"uniform"`): P(k), `"uniform"` or `"marginal"`.
+        invariance (`str`, defaults to `"mmd"`): `"mmd"`, `"vrex"` or `"none"`.
+        invariance_weight (`float`, defaults to `0.001`): λ.
+        invariance_statistic (`str`, defaults to `"margin"`): `"margin"` (the preference logit) or `"state"` (z).
+        mmd_bandwidth (`float`, *optional*): a fixed RBF σ; `None` uses the median heuristic.
+    """
+
+    num_environments: int = field(default=2, metadata={"help": "K, the number of environments."})
+    environment_mode: str = field(
+        default="inferred", metadata={"help": "Where memberships come from.", "choices": ["inferred", "known"]}
+    )
+    environment_column: str = field(default="environment", metadata={"help": "The dataset column of the known mode."})
+    environment_dim: int = field(default=16, metadata={"help": "Dimension of z = g(h)."})
+    environment_temperature: float = field(default=1.0, metadata={"help": "Temperature τ of the soft memberships."})
+    environment_init_samples: int = field(default=512, metadata={"help": "Training prompts for the k-means++ start."})
+    backdoor_prior: str = field(
+        default="uniform", metadata={"help": "The environment prior P(k).", "choices": ["uniform", "marginal"]}
+    )
+    invariance: str = field(default="mmd", metadata={"help": "The invariance penalty.", "choices": ["mmd", "vrex", "none"]})
+    invariance_weight: float = field(default=0.001, metadata={"help": "λ, the weight of the invariance penalty."})
+    invariance_statistic: str = field(
+        default="margin", metadata={"help": "What the MMD compares.", "choices": ["margin", "state"]}
+    )
+    mmd_bandwidth: float | None = field(default=None, metadata={"help": "Fixed RBF σ; None: the median heuristic."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("environment_mode", "backdoor_prior", "invariance", "invariance_statistic"):
+            choices = self.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.num_environments < 1:
+            raise ValueError("num_environments must be at least 1")
+        if self.environment_temperature <= 0 or self.invariance_weight < 0:
+            raise ValueError("environment_temperature must be positive and invariance_weight non-negative")
+        if self.mmd_bandwidth is not None and self.mmd_bandwidth <= 0:
+            raise ValueError("mmd_bandwidth must be positive")
+
+
+class EnvironmentHead(nn.Module):
+    """g and the centres: memberships p_ik = softmax_k(−‖g(h_i) − c_k‖² / τ), and the running marginal of p_ik."""
+
+    def __init__(self, hidden_size: int, dim: int, num_environments: int, temperature: float):
+        super().__init__()
+        self.config = {"hidden_size": hidden_size, "dim": dim, "num_environments": num_environments, "temperature": temperature}
+        self.projection = nn.Linear(hidden_size, dim)
+        self.centres = nn.Parameter(torch.zeros(num_environments, dim))
+        self.register_buffer("membership_sum", torch.zeros(num_environments))
+        self.register_buffer("membership_count", torch.zeros(()))
+
+    def embed(self, states: torch.Tensor) -> torch.Tensor:
+        return self.projection(states.to(self.projection.weight.dtype))
+
+    def memberships(self, states: torch.Tensor) -> torch.Tensor:
+        squared = ((self.embed(states).unsqueeze(1) - self.centres.unsqueeze(0)) ** 2).sum(-1)
+        return torch.softmax(-squared / self.config["temperature"], dim=-1)
+
+    @torch.no_grad()
+    def observe(self, memberships: torch.Tensor) -> None:
+        self.membership_sum += memberships.sum(0).to(self.membership_sum.dtype)
+        self.membership_count += memberships.shape[0]
+
+    def marginal(self) -> torch.Tensor:
+        return self.membership_sum / self.membership_count.clamp_min(1)
+
+    def save(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        folder = Path(folder)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in (state or self.state_dict()).items()}
+        save_file(tensors, folder / HEAD_WEIGHTS)
+        (folder / HEAD_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> EnvironmentHead:
+        folder = Path(folder)
+        head = cls(**json.loads((folder / HEAD_CONFIG).read_text()))
+        head.load_state_dict(load_file(folder / HEAD_WEIGHTS))
+        return head
+
+
+def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator, steps: int = 10) -> torch.Tensor:
+    """k-means++ seeding, then `steps` Lloyd iterations; returns the k centres."""
+    first = torch.randint(len(points), (1,), generator=generator).item()
+    centres = [points[first]]
+    for _ in range(1, k):
+        distances = torch.cdist(points, torch.stack(centres)).min(dim=1).values ** 2
+        total = distances.sum()
+        if total <= 0:  # every point coincides with a centre: any point will do
+            choice = torch.randint(len(points), (1,), generator=generator).item()
+        else:
+            choice = torch.multinomial(distances / total, 1, generator=generator).item()
+        centres.append(points[choice])
+    centres = torch.stack(centres)
+    for _ in range(steps):
+        assignment = torch.cdist(points, centres).argmin(dim=1)
+        for c in range(k):
+            members = points[assignment == c]
+            if len(members):
+                centres[c] = members.mean(dim=0)
+    return centres
+
+
+def weighted_mmd2(statistics: torch.Tensor, weights_a: torch.Tensor, weights_b: torch.Tensor, bandwidth: float | None):
+    """MMD² between two weightings of the same samples under an RBF kernel: (a − b)ᵀ K (a − b)."""
+    if statistics.dim() == 1:
+        statistics = statistics.unsqueeze(-1)
+    squared = ((statistics.unsqueeze(1) - statistics.unsqueeze(0)) ** 2).sum(-1)  # not cdist: its sqrt has no gradient at 0
+    if bandwidth is None:
+        off_diagonal = squared[~torch.eye(len(squared), dtype=torch.bool, device=squared.device)]
+        sigma2 = off_diagonal.median().detach().clamp_min(1e-6) if off_diagonal.numel() else squared.new_tensor(1.0)
+    else:
+        sigma2 = squared.new_tensor(bandwidth**2)
+    kernel = torch.exp(-squared / (2 * sigma2))
+    a = weights_a / weights_a.sum()
+    b = weights_b / weights_b.sum()
+    difference = a - b
+    return difference @ kernel @ difference
+
+
+@dataclass
+class CausalPolicyOutput(PolicyOutput):
+    prompt_states: torch.Tensor | None = None
+
+
+class CausalDPOTrainer(SoftmaxDPOTrainer):
+    """[`SoftmaxDPOTrainer`] with CausalDPO's environments, backdoor adjustment and invariance penalty."""
+
+    _tag_names = ["trl", "dpo", "causal-dpo", "llmrec"]
+
+    def __init__(self, model, *args, **kwargs):
+        config: CausalDPOConfig = kwargs["args"]
+        train_dataset = kwargs["train_dataset"]
+        self.known = config.environment_mode == "known"
+        if self.known:
+            if config.environment_column not in train_dataset.column_names:
+                raise LLMRecError(
+                    f"environment_mode is 'known' but the training rows have no {config.environment_column!r} column "
+                    f"(columns: {', '.join(train_dataset.column_names)}).",
+                    "stages.args.environment_column",
+                )
+            self._extra_columns = (config.environment_column,)
+        elif len(train_dataset) < config.num_environments:
+            raise LLMRecError(
+                f"num_environments is {config.num_environments} but there are only {len(train_dataset)} training "
+                "prompts to cluster.",
+                "stages.args.num_environments",
+            )
+        super().__init__(model, *args, **kwargs)
+        # Attached after TRL has added its "ref" adapter copy, so no LoRA layer lands in g; the optimizer is built when
+        # training starts, so it finds the head among the model's trainable parameters.
+        head = EnvironmentHead(
+            model.config.get_text_config().hidden_size,
+            config.environment_dim,
+            config.num_environments,
+            config.environment_temperature,
+        ).to(self.args.device)
+        head.requires_grad_(not self.known)
+        model.environment_head = head
+        self.environment_head = head
+        self._backbone = _backbone(self.model)
+        self._initialise_environments()
+
+    # --- environments ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _initialise_environments(self) -> None:
+        head, K = self.environment_head, self.args.num_environments
+        if self.known:
+            labels = torch.tensor(self.train_dataset[self.args.environment_column])
+            if labels.min() < 0 or labels.max() >= K:
+                raise LLMRecError(
+                    f"environment labels range over {labels.min().item()}..{labels.max().item()} but num_environments "
+                    f"is {K}; labels must be 0..K-1.",
+                    "stages.args.num_environments",
+                )
+            head.observe(F.one_hot(labels, K).float().to(head.membership_sum.device))
+            return
+        generator = torch.Generator().manual_seed(self.args.seed)
+        count = min(self.args.environment_init_samples, len(self.train_dataset))
+        rows = torch.randperm(len(self.train_dataset), generator=generator)[:count].tolist()
+        prompts = self.train_dataset.select(rows)["prompt_ids"]
+        states = self._prompt_states_of(prompts)
+        embedded = head.embed(states).float().cpu()
+        head.centres.data.copy_(kmeans_plus_plus(embedded, K, generator).to(head.centres))
+        head.observe(head.memberships(states))
+
+    def _prompt_states_of(self, prompts: list[list[int]]) -> torch.Tensor:
+        """The policy's last hidden state at the last token of each prompt (no gradient)."""
+        model = self.model
+        device = self.accelerator.device
+        batch_size = self.args.per_device_train_batch_size * 4
+        states = []
+        was_training = model.training
+        model.eval()
+        for start in tqdm(range(0, len(prompts), batch_size), desc="Initialising environments", disable=not self.is_world_process_zero()):
+            batch = prompts[start : start + batch_size]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), self._tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, prompt in enumerate(batch):
+                ids[row, : len(prompt)] = torch.tensor(prompt)
+                mask[row, : len(prompt)] = 1
+            hidden = self._backbone(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            last = mask.sum(dim=1).to(device) - 1
+            states.append(hidden[torch.arange(len(batch), device=device), last])
+        model.train(was_training)
+        return torch.cat(states)
+
+    def _policy_logps(self, model, model_kwargs, labels, seq_len) -> CausalPolicyOutput:
+        captured: list[torch.Tensor] = []
+        handle = self._backbone.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+        try:
+            policy = super()._policy_logps(model, model_kwargs, labels, seq_len)
+        finally:
+            handle.remove()
+        last_prompt = (labels != -100).int().argmax(dim=1) - 1  # right padding: the completion follows the prompt
+        states = captured[0][torch.arange(labels.shape[0], device=labels.device), last_prompt]
+        return CausalPolicyOutput(policy.logps, policy.outputs, states)
+
+    # --- loss ----------------------------------------------------------------------------------------------
+
+    def combine_row_losses(self, per_row_loss, preference_logits, inputs, policy: CausalPolicyOutput, mode: str):
+        rows = per_row_loss.shape[0]
+        head, K = self.environment_head, self.args.num_environments
+        states = policy.prompt_states[:rows]
+        if self.known:
+            memberships = F.one_hot(inputs[self.args.environment_column].long(), K).to(per_row_loss.dtype)
+        else:
+            memberships = head.memberships(states).to(per_row_loss.dtype)
+        mass = memberships.sum(dim=0)
+        present = (mass > 1e-6).detach()
+        risks = (memberships * per_row_loss.unsqueeze(1)).sum(dim=0) / mass.clamp_min(1e-6)
+
+        if self.args.backdoor_prior == "uniform":
+            prior = torch.ones_like(mass)
+        else:
+            prior = head.marginal().to(mass)
+        prior = prior * present
+        prior = prior / prior.sum()
+        backdoor = (prior * risks).sum()
+
+        loss = backdoor
+        penalty = torch.zeros((), device=loss.device)
+        if self.args.invariance_weight > 0 and self.args.invariance != "none" and int(present.sum()) > 1:
+            penalty = self._invariance(memberships, present, risks, preference_logits, states)
+            loss = loss + self.args.invariance_weight * penalty
+
+        if mode == "train" and not self.known:
+            head.observe(memberships.detach())
+        gather = self.accelerator.gather_for_metrics
+        self._metrics[mode]["loss/backdoor"].append(gather(backdoor.detach()).mean().item())
+        self._metrics[mode]["loss/invariance"].append(gather(penalty.detach()).mean().item())
+        shares = gather(mass.detach().unsqueeze(0)).sum(0)
+        for k in range(K):
+            self._metrics[mode][f"environment/{k}/mass"].append((shares[k] / shares.sum()).item())
+            if present[k]:
+                self._metrics[mode][f"environment/{k}/risk"].append(risks[k].item())
+        return loss
+
+    def _invariance(self, memberships, present, risks, preference_logits, states) -> torch.Tensor:
+        environments = present.nonzero().flatten().tolist()
+        if self.args.invariance == "vrex":
+            return risks[environments].var(unbiased=False)
+        if self.args.invariance_statistic == "margin":
+            statistic = preference_logits
+        else:
+            statistic = states if self.known else self.environment_head.embed(states)
+        pairs = [(a, b) for i, a in enumerate(environments) for b in environments[i + 1 :]]
+        values = [
+            weighted_mmd2(statistic.float(), memberships[:, a].float(), memberships[:, b].float(), self.args.mmd_bandwidth)
+            for a, b in pairs
+        ]
+        return torch.stack(values).mean()
+
+    # --- saving ----------------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir or self.args.output_dir
+        # under ZeRO-3 or FSDP the gathered full state dict holds the head's weights; the module's own are shards
+        gathered = {k.split("environment_head.", 1)[1]: v for k, v in (state_dict or {}).items() if "environment_head." in k}
+        self.environment_head.save(output_dir, gathered or None)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        weights = Path(resume_from_checkpoint) / HEAD_WEIGHTS
+        if weights.is_file():
+            self.environment_head.load_state_dict(load_file(weights))
+
+
+def _backbone(model) -> nn.Module:
+    """The transformer body under the LM head (e.g. `Qwen2Model`), whatever wraps the causal LM."""
+    from accelerate.utils import is_peft_model
+
+    base = model.get_base_model() if is_peft_model(model) else model
+    return getattr(base, base.base_model_prefix)
+
+
+CAUSAL_DPO = StageSpec(
+    config_class=CausalDPOConfig,
+    trainer_class=CausalDPOTrainer,
+    build_datasets=build_datasets,
+    description="CausalDPO: softmax DPO with inferred environments, backdoor adjustment and invariance",
+    data_config=PreferenceDataConfig,
+    trainer_kwargs=reference_model_kwargs,
+)
