@@ -146,7 +146,9 @@ def _tokenizer_texts(recipe: Recipe, data: RecData):
 
 
 def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:
-    stored = yaml.safe_load(run.recipe_file.read_text(encoding="utf-8"))
+    # The stored recipe goes through today's schema too, so a field added to llmrec since (with its default) is
+    # not a difference.
+    stored = yaml.safe_load(load_recipe(run.recipe_file, instantiate=False).to_yaml())
     current = yaml.safe_load(recipe.to_yaml())
     if stored != current:
         differences = sorted(_differences(stored, current))
@@ -157,11 +159,14 @@ def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:
         )
 
 
+_ABSENT = object()
+
+
 def _differences(a: Any, b: Any, where: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b), key=str):
-            out += _differences(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+            out += _differences(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{where}.{key}" if where else str(key))
         return out
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}.{i}")]

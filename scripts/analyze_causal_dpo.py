@@ -46,7 +46,7 @@ def analyse(run_dir: str) -> None:
         encoded = tokenizer(rows["prompt"][start : start + 64], return_tensors="pt", padding=True, padding_side="right")
         hidden = backbone(**encoded.to(next(model.parameters()).device)).last_hidden_state
         last = encoded["attention_mask"].sum(1) - 1
-        memberships.append(head.memberships(hidden[torch.arange(len(last)), last]).cpu())
+        memberships.append(head(hidden[torch.arange(len(last)), last]).cpu())
     memberships = torch.cat(memberships)
     assigned = memberships.argmax(1).tolist()
     K = memberships.shape[1]

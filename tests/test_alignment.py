@@ -9,6 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from llmrec.errors import LLMRecError
@@ -46,10 +47,9 @@ def _policy(base):
 
 
 def _args(config_class, tmp_path, **extra):
-    return config_class(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, beta=0.1, report_to="none", use_cpu=True, bf16=False,
-        activation_checkpointing=False, max_length=128, seed=0, logging_steps=1, save_strategy="no", **extra,
-    )
+    defaults = dict(per_device_train_batch_size=4, beta=0.1, report_to="none", use_cpu=True, bf16=False,
+                    activation_checkpointing=False, max_length=128, seed=0, logging_steps=1, save_strategy="no")
+    return config_class(output_dir=str(tmp_path), **{**defaults, **extra})
 
 
 def _perturb(model) -> None:
@@ -161,12 +161,12 @@ def test_environment_head_trains_and_reloads_with_identical_memberships(tokenize
     trainer = CausalDPOTrainer(_policy(base), args=args, train_dataset=_multi(), processing_class=tokenizer)
     head = trainer.environment_head
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    assert before["membership_count"].item() == 6  # the initialisation pass over the training prompts
+    assert head.membership_count == 6  # the initialisation pass over the training prompts
     trainer.train()
     after = head.state_dict()
     assert not torch.equal(before["projection.weight"], after["projection.weight"])
     assert not torch.equal(before["centres"], after["centres"])
-    assert after["membership_count"].item() == 6 + 3 * 4 - 2  # 3 steps over 6 rows in batches of 4: 4 + 2 + 4
+    assert head.membership_count == 6 + 3 * 4 - 2  # 3 steps over 6 rows in batches of 4: 4 + 2 + 4
     logged = trainer.state.log_history[0]
     assert {"loss/backdoor", "loss/invariance", "environment/0/mass", "environment/1/mass", "rewards/accuracies"} <= logged.keys()
 
@@ -177,7 +177,8 @@ def test_environment_head_trains_and_reloads_with_identical_memberships(tokenize
     loaded = EnvironmentHead.from_pretrained(tmp_path / "saved")
     states = torch.randn(5, head.config["hidden_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(loaded.memberships(states), head.memberships(states), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(states), head(states), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.marginal(), head.marginal(), rtol=0, atol=0)
     assert json.loads((tmp_path / "saved" / "environment_head.json").read_text())["num_environments"] == 2
 
 
@@ -272,3 +273,27 @@ def test_pairwise_dpo_recipe_with_the_models_own_hard_negatives(tmp_path):
     metrics = json.loads((tmp_path / "dpo-tiny" / "metrics.json").read_text())
     assert metrics["train/stage1-dpo/global_step"] == 3 and "test/hr@10" in metrics
     assert "Ranking the catalog" in result.stderr  # the SFT model ranked the catalog to find hard negatives
+
+
+def test_causal_dpo_resumes_its_environment_head_from_a_checkpoint(tokenizer, base, tmp_path):
+    def trainer(folder, **extra):
+        settings = dict(num_environments=2, invariance_weight=0.1, max_steps=4, learning_rate=5e-3, environment_init_samples=6,
+                        save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+        args = _args(CausalDPOConfig, folder, **{**settings, **extra})
+        return CausalDPOTrainer(_policy(base), args=args, train_dataset=_multi(), processing_class=tokenizer)
+
+    class StopAfterTwoSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    straight = trainer(tmp_path / "straight")
+    straight.train()
+    interrupted = trainer(tmp_path / "interrupted")
+    interrupted.add_callback(StopAfterTwoSteps())
+    interrupted.train()
+    resumed = trainer(tmp_path / "interrupted")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "interrupted" / "checkpoint-2"))
+    for name, value in straight.environment_head.state_dict().items():
+        torch.testing.assert_close(resumed.environment_head.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed.environment_head.membership_count == straight.environment_head.membership_count
+    torch.testing.assert_close(resumed.environment_head.marginal(), straight.environment_head.marginal())

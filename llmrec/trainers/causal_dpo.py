@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.trainer_utils import get_last_checkpoint
 
 from llmrec.data import PreferenceDataConfig
 from llmrec.errors import LLMRecError
@@ -112,42 +113,56 @@ class CausalDPOConfig(SoftmaxDPOConfig):
 
 
 class EnvironmentHead(nn.Module):
-    """g and the centres: memberships p_ik = softmax_k(−‖g(h_i) − c_k‖² / τ), and the running marginal of p_ik."""
+    """g and the centres: memberships p_ik = softmax_k(−‖g(h_i) − c_k‖² / τ), and the running marginal of p_ik.
+
+    The running marginal is kept in float64 outside the module's tensors, so that casting the module (bf16 under
+    DeepSpeed) cannot round its counts; it is saved in environment_head.json.
+    """
 
     def __init__(self, hidden_size: int, dim: int, num_environments: int, temperature: float):
         super().__init__()
         self.config = {"hidden_size": hidden_size, "dim": dim, "num_environments": num_environments, "temperature": temperature}
         self.projection = nn.Linear(hidden_size, dim)
         self.centres = nn.Parameter(torch.zeros(num_environments, dim))
-        self.register_buffer("membership_sum", torch.zeros(num_environments))
-        self.register_buffer("membership_count", torch.zeros(()))
+        self.membership_sum = torch.zeros(num_environments, dtype=torch.float64)
+        self.membership_count = 0
 
     def embed(self, states: torch.Tensor) -> torch.Tensor:
         return self.projection(states.to(self.projection.weight.dtype))
 
-    def memberships(self, states: torch.Tensor) -> torch.Tensor:
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """Memberships [rows, K]. A forward (not a plain method), so ZeRO-3 gathers the centres for it."""
         squared = ((self.embed(states).unsqueeze(1) - self.centres.unsqueeze(0)) ** 2).sum(-1)
         return torch.softmax(-squared / self.config["temperature"], dim=-1)
 
     @torch.no_grad()
     def observe(self, memberships: torch.Tensor) -> None:
-        self.membership_sum += memberships.sum(0).to(self.membership_sum.dtype)
+        self.membership_sum += memberships.detach().double().sum(0).cpu()
         self.membership_count += memberships.shape[0]
 
     def marginal(self) -> torch.Tensor:
-        return self.membership_sum / self.membership_count.clamp_min(1)
+        return self.membership_sum / max(self.membership_count, 1)
 
     def save(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         folder = Path(folder)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in (state or self.state_dict()).items()}
         save_file(tensors, folder / HEAD_WEIGHTS)
-        (folder / HEAD_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
+        running = {"membership_sum": self.membership_sum.tolist(), "membership_count": self.membership_count}
+        (folder / HEAD_CONFIG).write_text(json.dumps({**self.config, **running}, indent=2) + "\n")
+
+    def load(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        weights = load_file(folder / HEAD_WEIGHTS)
+        self.load_state_dict({k: v.to(self.centres.dtype) for k, v in weights.items()})
+        saved = json.loads((folder / HEAD_CONFIG).read_text())
+        self.membership_sum = torch.tensor(saved["membership_sum"], dtype=torch.float64)
+        self.membership_count = saved["membership_count"]
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> EnvironmentHead:
-        folder = Path(folder)
-        head = cls(**json.loads((folder / HEAD_CONFIG).read_text()))
-        head.load_state_dict(load_file(folder / HEAD_WEIGHTS))
+        saved = json.loads((Path(folder) / HEAD_CONFIG).read_text())
+        head = cls(**{key: saved[key] for key in ("hidden_size", "dim", "num_environments", "temperature")})
+        head.load(folder)
         return head
 
 
@@ -221,12 +236,14 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
         super().__init__(model, *args, **kwargs)
         # Attached after TRL has added its "ref" adapter copy, so no LoRA layer lands in g; the optimizer is built when
         # training starts, so it finds the head among the model's trainable parameters.
+        # the dtype of the policy's trainable weights: ZeRO-3 flattens all of them into one buffer of one dtype
+        dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
         head = EnvironmentHead(
             model.config.get_text_config().hidden_size,
             config.environment_dim,
             config.num_environments,
             config.environment_temperature,
-        ).to(self.args.device)
+        ).to(device=self.args.device, dtype=dtype)
         head.requires_grad_(not self.known)
         model.environment_head = head
         self.environment_head = head
@@ -246,7 +263,7 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
                     f"is {K}; labels must be 0..K-1.",
                     "stages.args.num_environments",
                 )
-            head.observe(F.one_hot(labels, K).float().to(head.membership_sum.device))
+            head.observe(F.one_hot(labels, K))
             return
         generator = torch.Generator().manual_seed(self.args.seed)
         count = min(self.args.environment_init_samples, len(self.train_dataset))
@@ -255,7 +272,7 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
         states = self._prompt_states_of(prompts)
         embedded = head.embed(states).float().cpu()
         head.centres.data.copy_(kmeans_plus_plus(embedded, K, generator).to(head.centres))
-        head.observe(head.memberships(states))
+        head.observe(head(states))
 
     def _prompt_states_of(self, prompts: list[list[int]]) -> torch.Tensor:
         """The policy's last hidden state at the last token of each prompt (no gradient)."""
@@ -299,7 +316,7 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
         if self.known:
             memberships = F.one_hot(inputs[self.args.environment_column].long(), K).to(per_row_loss.dtype)
         else:
-            memberships = head.memberships(states).to(per_row_loss.dtype)
+            memberships = head(states).to(per_row_loss.dtype)
         mass = memberships.sum(dim=0)
         present = (mass > 1e-6).detach()
         risks = (memberships * per_row_loss.unsqueeze(1)).sum(dim=0) / mass.clamp_min(1e-6)
@@ -354,11 +371,13 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
         gathered = {k.split("environment_head.", 1)[1]: v for k, v in (state_dict or {}).items() if "environment_head." in k}
         self.environment_head.save(output_dir, gathered or None)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        weights = Path(resume_from_checkpoint) / HEAD_WEIGHTS
-        if weights.is_file():
-            self.environment_head.load_state_dict(load_file(weights))
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # Restore the head before transformers restores the rest: its own loader (and DeepSpeed's) knows only the
+        # adapter and the optimizer, not the head's weights nor its running marginal.
+        checkpoint = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        if checkpoint and (Path(checkpoint) / HEAD_WEIGHTS).is_file():
+            self.environment_head.load(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
 def _backbone(model) -> nn.Module:
