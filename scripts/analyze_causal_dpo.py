@@ -5,7 +5,8 @@
 For each finished CausalDPO run (inferred mode) on data with an `environment` column, the script reloads the
 policy and its environment head from final/, computes the memberships of the training prompts, and prints: the
 mean membership of each inferred environment within each true environment, the purity and the normalised mutual
-information of the argmax assignment against the true labels (NMI 0 = unrelated, 1 = recovered), and how the
+information of the argmax assignment against the true labels (NMI 0 = unrelated, 1 = recovered; only when the data
+carry environment labels), how decided the memberships are (their entropy), and how the
 inferred environments split the training rows by the popularity of their target item (the confounder the
 exposure environments act through).
 """
@@ -38,8 +39,10 @@ def analyse(run_dir: str) -> None:
     head = EnvironmentHead.from_pretrained(run.final).to(next(model.parameters()).device)
     rows = next_item_examples(data, "train", recipe.data.task)
     frame = data.interactions_frame
-    environment = {(u, i): e for u, i, e, s in zip(frame.user_id, frame.item_id, frame.environment, frame.split) if s == "train"}
-    truth = [int(environment[(u, i)]) for u, i in zip(rows["user_id"], rows["item_id"])]
+    truth = None
+    if "environment" in frame.columns:
+        environment = {(u, i): e for u, i, e, s in zip(frame.user_id, frame.item_id, frame.environment, frame.split) if s == "train"}
+        truth = [int(environment[(u, i)]) for u, i in zip(rows["user_id"], rows["item_id"])]
     backbone = _backbone(model)
     memberships = []
     for start in range(0, len(rows), 64):
@@ -51,12 +54,15 @@ def analyse(run_dir: str) -> None:
     assigned = memberships.argmax(1).tolist()
     K = memberships.shape[1]
     print(f"\n{run_dir}: {len(rows)} training prompts, K = {K}")
-    for env in sorted(set(truth)):
-        mask = torch.tensor([t == env for t in truth])
-        shares = memberships[mask].mean(0).tolist()
-        print(f"  true environment {env} ({int(mask.sum())} rows): mean memberships " + ", ".join(f"{s:.3f}" for s in shares))
-    purity = sum(max(Counter(t for t, a in zip(truth, assigned) if a == k).values(), default=0) for k in range(K)) / len(truth)
-    print(f"  purity {purity:.3f}, NMI {normalised_mutual_information(truth, assigned):.3f}")
+    if truth is not None:
+        for env in sorted(set(truth)):
+            mask = torch.tensor([t == env for t in truth])
+            shares = memberships[mask].mean(0).tolist()
+            print(f"  true environment {env} ({int(mask.sum())} rows): mean memberships " + ", ".join(f"{s:.3f}" for s in shares))
+        purity = sum(max(Counter(t for t, a in zip(truth, assigned) if a == k).values(), default=0) for k in range(K)) / len(truth)
+        print(f"  purity {purity:.3f}, NMI {normalised_mutual_information(truth, assigned):.3f}")
+    print("  membership entropy (0 = hard clusters, log K = undecided): "
+          f"{float(-(memberships * memberships.clamp_min(1e-12).log()).sum(1).mean()):.3f} of {math.log(K):.3f}")
     popularity = data.popularity("train")
     for k in range(K):
         targets = [popularity[i] for i, a in zip(rows["item_id"], assigned) if a == k]

@@ -297,3 +297,19 @@ def test_causal_dpo_resumes_its_environment_head_from_a_checkpoint(tokenizer, ba
         torch.testing.assert_close(resumed.environment_head.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert resumed.environment_head.membership_count == straight.environment_head.membership_count
     torch.testing.assert_close(resumed.environment_head.marginal(), straight.environment_head.marginal())
+
+
+def test_a_fully_fine_tuned_model_is_saved_without_the_head(tokenizer, base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    policy = copy.deepcopy(base)
+    args = _args(CausalDPOConfig, tmp_path, num_environments=2, environment_init_samples=6)
+    trainer = CausalDPOTrainer(policy, ref_model=copy.deepcopy(base), args=args, train_dataset=_multi(), processing_class=tokenizer)
+    trainer.save_model(str(tmp_path / "saved"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as handle:
+        assert not [k for k in handle.keys() if "environment_head" in k]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert not hasattr(reloaded, "environment_head")
+    assert EnvironmentHead.from_pretrained(tmp_path / "saved").config["num_environments"] == 2

@@ -235,8 +235,8 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
             )
         super().__init__(model, *args, **kwargs)
         # Attached after TRL has added its "ref" adapter copy, so no LoRA layer lands in g; the optimizer is built when
-        # training starts, so it finds the head among the model's trainable parameters.
-        # the dtype of the policy's trainable weights: ZeRO-3 flattens all of them into one buffer of one dtype
+        # training starts, so it finds the head among the model's trainable parameters. The head takes the dtype of
+        # the policy's trainable weights, since ZeRO-3 flattens all of them into one buffer of one dtype.
         dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
         head = EnvironmentHead(
             model.config.get_text_config().hidden_size,
@@ -365,11 +365,13 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
     # --- saving ----------------------------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict=state_dict)
-        output_dir = output_dir or self.args.output_dir
-        # under ZeRO-3 or FSDP the gathered full state dict holds the head's weights; the module's own are shards
-        gathered = {k.split("environment_head.", 1)[1]: v for k, v in (state_dict or {}).items() if "environment_head." in k}
-        self.environment_head.save(output_dir, gathered or None)
+        # The head goes to its own file; the model's file keeps the model's keys only (a fully fine-tuned model would
+        # otherwise carry keys its class does not know). Under ZeRO-3 or FSDP `state_dict` is the gathered one.
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        head = {k.split("environment_head.", 1)[1]: v for k, v in state_dict.items() if "environment_head." in k}
+        super()._save(output_dir, state_dict={k: v for k, v in state_dict.items() if "environment_head." not in k})
+        self.environment_head.save(output_dir or self.args.output_dir, head or None)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         # Restore the head before transformers restores the rest: its own loader (and DeepSpeed's) knows only the
