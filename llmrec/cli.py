@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--user", required=True)
     recommend.add_argument("-k", type=int, default=10)
 
+    export = commands.add_parser("export", help="a finished run's adapter in a stock format")
+    export.add_argument("run_dir")
+    export.add_argument("--to", choices=["peft-lora"], default="peft-lora", help="the format (a PEFT LoRA adapter folder)")
+    export.add_argument("--user", help="CoRA: the user whose weights are materialised")
+    export.add_argument("--item", help="CoRA conditioned on (user, item): the item")
+    export.add_argument("out", help="the new adapter folder")
+
     recipe = commands.add_parser("recipe", help="check or print a recipe")
     recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True)
     for name, text in (("check", "validate without running"), ("show", "print the resolved recipe with defaults")):
@@ -102,6 +109,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         _eval(args)
     elif args.command == "recommend":
         _recommend(args)
+    elif args.command == "export":
+        from llmrec.publish.export import export_peft_lora
+
+        print(export_peft_lora(args.run_dir, args.out, args.user, args.item))
 
 
 def _recipe_command(args: argparse.Namespace) -> None:
@@ -126,8 +137,14 @@ def _data_stats(args: argparse.Namespace) -> None:
     data = load_data(recipe.data, recipe.run.seed)
     for key, value in data.stats().items():
         print(f"{key:>20}: {value}")
-    train = next_item_examples(data, "train", recipe.data.task)
-    print(f"{'train examples':>20}: {len(train)}")
+    if recipe.data.ctr is not None:
+        from llmrec.data import ctr_examples
+
+        train = ctr_examples(data, "train", recipe.data.ctr, recipe.run.seed)
+        print(f"{'train CTR rows':>20}: {len(train)} ({sum(train['label'])} liked)")
+    else:
+        train = next_item_examples(data, "train", recipe.data.task)
+        print(f"{'train examples':>20}: {len(train)}")
     if len(train):
         print("\nexample prompt:\n" + train[0]["prompt"] + "\nexample completion:\n" + train[0]["completion"])
 
@@ -135,17 +152,14 @@ def _data_stats(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from llmrec.eval.ranking import evaluate_ranking
-    from llmrec.run import finish, load_trained
+    from llmrec.run import evaluate_split, finish, load_trained
 
     recipe, data, model, tokenizer, run = load_trained(args.run_dir)
     if args.split and args.split.startswith("ood_") and recipe.data.shift(args.split.removeprefix("ood_")) is None:
         raise LLMRecError(f"this run's data have no {args.split.removeprefix('ood_')} shift (see data.shifts).", "--split")
     metrics, predictions = {}, {}
     for split in [args.split] if args.split else recipe.eval.splits:
-        split_metrics, predictions[split] = evaluate_ranking(
-            model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split, recipe.data.shifts
-        )
+        split_metrics, predictions[split] = evaluate_split(model, tokenizer, data, recipe, split)
         metrics.update(split_metrics)
     if PartialState().is_main_process:
         finish(run, recipe, data, metrics, predictions)
@@ -159,6 +173,8 @@ def _recommend(args: argparse.Namespace) -> None:
     if args.k < 1:
         raise LLMRecError("must be at least 1.", "-k")
     recipe, data, model, tokenizer, _ = load_trained(args.run_dir)
+    if recipe.eval.task != "ranking":
+        raise LLMRecError("this run predicts likes (eval.task: ctr), it does not rank items; use `llmrec eval`.", args.run_dir)
     sequences = data.user_sequences()
     if args.user not in sequences:
         raise LLMRecError(

@@ -500,6 +500,15 @@ def _instantiate(recipe: Recipe, places: _Places) -> None:
             adapter.config_class(task_type="CAUSAL_LM", **recipe.adapter.args)
         except (ValueError, TypeError) as err:
             raise LLMRecError(f"{adapter.config_class.__name__} rejected these arguments: {err}", places(("adapter", "args"))) from None
+    # what a method needs from the rest of the recipe (CoRA: the CTR task), checked before anything runs
+    needs = [*getattr(adapter, "recipe_needs", lambda r: [])(recipe)]
+    for stage in recipe.stages:
+        needs += get_stage(stage.trainer, "stages").recipe_needs(recipe)
+    if recipe.eval.task == "ctr" and recipe.data.ctr is None:
+        needs.append((("eval", "task"), "the CTR evaluation needs a data.ctr section (how rated interactions become Yes/No rows)."))
+    if needs:
+        first = {where: message for where, message in reversed(needs)}  # one message per place
+        raise LLMRecError("\n".join(f"{places(where)}: {message}" for where, message in reversed(first.items())))
 
 
 def all_stage_fields(recipe: Recipe, index: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 from accelerate.utils import is_peft_model
 
-from llmrec.adapters import get_adapter
+from llmrec.adapters import AdapterContext, get_adapter
 from llmrec.data import RecData, load_data
 from llmrec.errors import LLMRecError
 from llmrec.files import atomic_dir, read_json, write_json, write_text
@@ -138,11 +138,15 @@ def _callbacks():
 
 
 def _tokenizer_texts(recipe: Recipe, data: RecData):
-    """What a tiny model's tokenizer is trained on: the titles, and the prompt template (repeated so its words
+    """What a tiny model's tokenizer is trained on: the titles, and the prompt templates (repeated so their words
     become whole tokens)."""
     task = recipe.data.task
-    fixed = task.prompt_template.replace("{history}", task.history_separator.join(["{title}"] * 2))
-    return lambda: [*data.titles.values(), *([fixed] * 200)]
+    fixed = [task.prompt_template.replace("{history}", task.history_separator.join(["{title}"] * 2))]
+    if recipe.data.ctr is not None:
+        from llmrec.data import ctr_tokenizer_texts
+
+        fixed += ctr_tokenizer_texts(recipe.data.ctr)
+    return lambda: [*data.titles.values(), *(fixed * 200)]
 
 
 def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:
@@ -232,7 +236,7 @@ def _train_and_evaluate(recipe: Recipe, run: RunDir, data: RecData, state) -> di
         logger.info(f"Stages 0..{first - 1} are finished; loading {run.stage_result(recipe, first - 1)}.")
         model = adapter.load(model, run.stage_result(recipe, first - 1), trainable=True)
     else:
-        model = adapter.attach(model, recipe.adapter.args)
+        model = adapter.attach(model, recipe.adapter.args, AdapterContext(recipe, data, run.path))
 
     stage_metrics: dict[str, Any] = {}
     for index in range(first, len(recipe.stages)):
@@ -255,13 +259,9 @@ def _train_and_evaluate(recipe: Recipe, run: RunDir, data: RecData, state) -> di
         _wrote(run.final)
     state.wait_for_everyone()
 
-    from llmrec.eval.ranking import evaluate_ranking
-
     eval_metrics, predictions = {}, {}
     for split in recipe.eval.splits:
-        split_metrics, predictions[split] = evaluate_ranking(
-            model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split, recipe.data.shifts
-        )
+        split_metrics, predictions[split] = evaluate_split(model, tokenizer, data, recipe, split)
         eval_metrics.update(split_metrics)
     metrics = {
         **eval_metrics,
@@ -273,6 +273,17 @@ def _train_and_evaluate(recipe: Recipe, run: RunDir, data: RecData, state) -> di
         finish(run, recipe, data, metrics, predictions)
     state.wait_for_everyone()
     return metrics
+
+
+def evaluate_split(model, tokenizer, data: RecData, recipe: Recipe, split: str) -> tuple[dict, list[dict]]:
+    """Metrics and predictions of one split, by the recipe's evaluation task."""
+    if recipe.eval.task == "ctr":
+        from llmrec.eval.ctr import evaluate_ctr
+
+        return evaluate_ctr(model, tokenizer, data, recipe, split)
+    from llmrec.eval.ranking import evaluate_ranking
+
+    return evaluate_ranking(model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split, recipe.data.shifts)
 
 
 def _base_source(recipe: Recipe, run: RunDir) -> str:
@@ -381,6 +392,9 @@ def print_summary(metrics: dict, recipe: Recipe, splits: list[str] | None = None
     """The ranking metrics of the model and the baselines, side by side, on stdout (one table per split)."""
     from llmrec.eval.ranking import baseline_prefix
 
+    if recipe.eval.task == "ctr":
+        _print_ctr_summary(metrics, splits or recipe.eval.splits)
+        return
     for split in splits or recipe.eval.splits:
         names = [("model", f"{split}/")] + [(name, baseline_prefix(name, split)) for name in recipe.eval.baselines]
         columns = [f"{m}@{k}" for k in sorted(recipe.eval.ks) for m in ("hr", "ndcg")]
@@ -395,6 +409,20 @@ def print_summary(metrics: dict, recipe: Recipe, splits: list[str] | None = None
         ratio = metrics.get(f"{split}/valid_item_ratio")
         if ratio is not None:
             print(f"valid-item ratio of unconstrained generation: {ratio:.4f}")
+
+
+def _print_ctr_summary(metrics: dict, splits: list[str]) -> None:
+    from llmrec.eval.ranking import baseline_prefix
+
+    for split in splits:
+        if f"{split}/auc" not in metrics:
+            continue
+        print(f"\n{split} like prediction: {metrics[f'{split}/rows']} rows, {metrics[f'{split}/positive_rate']:.1%} liked, "
+              f"UAUC over {metrics[f'{split}/uauc_users']} users:")
+        print(f"{'':<12}{'auc':>10}{'uauc':>10}")
+        for name, prefix in [("model", f"{split}/")] + [(b, baseline_prefix(b, split)) for b in ("cf", "popularity")]:
+            if prefix + "auc" in metrics:
+                print(f"{name:<12}" + "".join(f"{metrics.get(prefix + m, float('nan')):>10.4f}" for m in ("auc", "uauc")))
 
 
 def load_trained(run_dir: str | Path):

@@ -12,7 +12,7 @@ others. A `--variant LABEL key=value ...` runs CausalDPO again with overrides (a
 row `causal_dpo[LABEL]`, reusing the SFT runs. Results accumulate in <output>/<title slug>/results.json across
 invocations; the script prints and (with --benchmarks) writes into BENCHMARKS.md one table per evaluated split (IID
 test and the OOD ones) of mean ± std over seeds of HR@10, NDCG@10, HR@20, NDCG@20 and the over-recommendation
-ratio @10, between markers, so a rerun replaces its own tables.
+ratio @10, between markers, so a rerun replaces its own tables; `--table-only` runs nothing and only rewrites them.
 """
 
 from __future__ import annotations
@@ -95,9 +95,10 @@ def table(results: dict[str, list[dict]], splits: list[str]) -> str:
     return "\n\n".join(tables)
 
 
-def write_benchmarks(path: Path, title: str, command: str, body: str) -> None:
+def write_benchmarks(path: Path, title: str, command: str, body: str, tag: str = "compare_alignment") -> None:
+    """Put `body` under a heading into the Markdown file at `path`, replacing the section an earlier run wrote."""
     slug = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
-    start, end = f"<!-- compare_alignment:{slug} -->", f"<!-- /compare_alignment:{slug} -->"
+    start, end = f"<!-- {tag}:{slug} -->", f"<!-- /{tag}:{slug} -->"
     section = f"{start}\n### {title}\n\n```bash\n{command}\n```\n\n{body}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text:
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--output", default="runs/compare")
     parser.add_argument("--benchmarks", type=Path, help="write the table into this Markdown file")
+    parser.add_argument("--table-only", action="store_true", help="run nothing: print (and write) the tables from results.json")
     parser.add_argument("--variant", nargs="+", metavar=("LABEL", "key=value"),
                         help="run causal_dpo again with these overrides, as the row causal_dpo[LABEL]")
     args = parser.parse_args()
@@ -132,7 +134,7 @@ def main() -> None:
     variant = args.variant[1:] if args.variant else []
     labels = {m: (f"{m}[{args.variant[0]}]" if args.variant and m == "causal_dpo" else m) for m in args.methods}
     results: dict[str, list[dict]] = {labels[m]: [] for m in args.methods}
-    for seed in args.seeds:
+    for seed in [] if args.table_only else args.seeds:
         print(f"seed {seed}", flush=True)
         sft_name = f"sft-seed{seed}"
         sft_metrics = run(method_recipe(resolved, "sft", seed, sft_name, output), output / "recipes", log)
@@ -151,7 +153,7 @@ def main() -> None:
             recipe = method_recipe(resolved, method, seed, name, output, variant if method == "causal_dpo" else [])
             results[labels[method]].append(run(recipe, output / "recipes", log))
     splits = [s for s in base.eval.splits if s != "valid"]
-    merged = {**previous, **results}
+    merged = {**previous, **{method: rows for method, rows in results.items() if rows}}
     order = [m for m in METHODS if m in merged] + sorted(m for m in merged if m not in METHODS)
     merged = {m: merged[m] for m in order}
     (output / "results.json").write_text(json.dumps(merged, indent=2))

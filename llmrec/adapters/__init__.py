@@ -4,7 +4,9 @@ Each method is one registry line below, pointing at an object with:
 
 * `config_class`: the dataclass whose fields `adapter.args` may set (validated like TRL configs), or None when
   the method takes no arguments;
-* `attach(model, args) -> model`: wrap a freshly loaded base model for training;
+* `attach(model, args, context) -> model`: wrap a freshly loaded base model for training (`context`, an
+  `AdapterContext`, gives the recipe, the data and the run directory to methods that build something from the data,
+  such as CoRA's CF model);
 * `load(model, path, trainable) -> model`: wrap a base model with weights saved by `save`;
 * `save(model, path)`: write the trained part (safetensors) so that `load` restores it exactly.
 
@@ -14,13 +16,24 @@ Methods with their own layers live in `adapters/<method>/` (config.py, model.py,
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from llmrec.errors import LLMRecError, did_you_mean
 
 ADAPTERS: dict[str, str] = {
     "lora": "llmrec.adapters.stock:LORA",
+    "cora": "llmrec.adapters.cora:CORA",
     "none": "llmrec.adapters.stock:FULL_FINE_TUNING",
 }
+
+
+@dataclass
+class AdapterContext:
+    recipe: Any
+    data: Any
+    workdir: Path
 
 
 def get_adapter(method: str, key: str = "adapter.method"):

@@ -15,7 +15,7 @@ class StockPeftAdapter:
 
     config_class: type
 
-    def attach(self, model, args: dict):
+    def attach(self, model, args: dict, context=None):
         if getattr(model, "is_quantized", False):  # QLoRA: fp32 norms and input gradients for the k-bit base
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, self.config_class(task_type="CAUSAL_LM", **args))
@@ -32,7 +32,7 @@ class FullFineTuning:
 
     config_class = None
 
-    def attach(self, model, args: dict):
+    def attach(self, model, args: dict, context=None):
         return model
 
     def load(self, model, path: Path, trainable: bool = False):

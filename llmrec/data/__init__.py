@@ -1,4 +1,5 @@
-"""Recommendation data: loaders and synthetic worlds -> checks -> filters -> OOD hold-out -> per-user split -> `RecData`."""
+"""Recommendation data: loaders and synthetic worlds -> checks -> filters -> OOD hold-out -> per-user split -> `RecData`,
+and the task builders that turn `RecData` into training rows (next-item, preference, CTR)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pydantic import Field
 
 from llmrec.schema import Section
 
+from .ctr import CTRTaskConfig, ctr_examples, ctr_tokenizer_texts
 from .filters import FilterConfig, apply_filters
 from .loaders import AmazonSource, MovieLens1MSource, MovieLens100KSource, RecBoleSource, TableSource
 from .preferences import PreferenceDataConfig, pairwise_rows, preference_examples
@@ -31,10 +33,11 @@ class DataConfig(Section):
     filters: FilterConfig = Field(default_factory=FilterConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     shifts: list[ShiftConfig] = Field(default_factory=list, description="Out-of-distribution test sets to add.")
+    task: NextItemTaskConfig = Field(default_factory=NextItemTaskConfig)
+    ctr: CTRTaskConfig | None = Field(None, description="The Yes/No like-prediction task (CTR); needs ratings.")
 
     def shift(self, kind: str) -> ShiftConfig | None:
         return next((shift for shift in self.shifts if shift.kind == kind), None)
-    task: NextItemTaskConfig = Field(default_factory=NextItemTaskConfig)
 
 
 def load_data(config: DataConfig, seed: int) -> RecData:
@@ -50,6 +53,7 @@ def load_data(config: DataConfig, seed: int) -> RecData:
 
 
 __all__ = [
+    "CTRTaskConfig",
     "DataConfig",
     "FilterConfig",
     "NextItemTaskConfig",
@@ -60,6 +64,8 @@ __all__ = [
     "ShiftConfig",
     "SplitConfig",
     "SyntheticWorldConfig",
+    "ctr_examples",
+    "ctr_tokenizer_texts",
     "load_data",
     "next_item_examples",
     "ood_split",

@@ -17,6 +17,13 @@ with 0.0, and a model that learned "popular is good" instead of the user's taste
 
 Ratings (1–5) grow with the user's affinity for the item's genre, plus noise, so CTR-style tasks ("would the
 user like this?") have a learnable label too.
+
+Latent factors (`latent_dim` > 0) add taste that no title reveals: each user and each item gets a hidden vector,
+and their dot product moves the rating (`latent_rating_weight`) and, optionally, which items the user consumes
+(`latent_exposure_weight`). With a small `genre_rating_weight`, a CTR label then depends mostly on factors that
+only other users' behaviour exposes — the collaborative signal that CoRA's collaborative embeddings must supply
+and that a model reading titles alone cannot. The factors come from a separate random generator, so the default
+world (`latent_dim` 0) is exactly the world generated before latent factors existed.
 """
 
 from __future__ import annotations
@@ -56,6 +63,18 @@ class SyntheticWorldConfig(Section):
         None, description="Share of users in each environment (default: equal shares)."
     )
     rating_noise: float = Field(0.7, ge=0, description="Standard deviation of the noise on ratings.")
+    genre_rating_weight: float = Field(
+        3.0, ge=0, description="How much the user's affinity for the item's genre (0 to 1) adds to the rating."
+    )
+    latent_dim: int = Field(0, ge=0, description="Size of the hidden user and item factor vectors (0: none).")
+    latent_rating_weight: float = Field(
+        0.0, ge=0, description="How much the user·item latent dot product (unit variance) adds to the rating."
+    )
+    latent_exposure_weight: float = Field(
+        0.0,
+        description="How much the latent dot product drives consumption: an item's appeal is multiplied by "
+        "exp(weight * dot) (negative: users are shown what they would rate low).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticWorldConfig:
@@ -65,6 +84,8 @@ class SyntheticWorldConfig(Section):
             raise ValueError("max_interactions cannot exceed num_items (users consume distinct items)")
         if self.environment_weights is not None and len(self.environment_weights) != len(self.exposure_bias):
             raise ValueError("environment_weights needs one weight per entry of exposure_bias")
+        if self.latent_dim == 0 and (self.latent_rating_weight or self.latent_exposure_weight):
+            raise ValueError("latent_rating_weight and latent_exposure_weight need latent_dim > 0")
         return self
 
     def load(self, seed: int):
@@ -84,6 +105,21 @@ def _titles(num_items: int, num_genres: int, rng: np.random.Generator) -> list[t
     return out
 
 
+def latent_factors(config: SyntheticWorldConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hidden (user, item) factor matrices, shapes (num_users, latent_dim) and (num_items, latent_dim).
+
+    They are drawn from their own generator, seeded with (seed, 7), so that adding them leaves every other draw of
+    the world unchanged. Entries are N(0, 1/sqrt(latent_dim)) (variance 1/sqrt(d), i.e. standard deviation
+    d**-0.25), so a user·item dot product has variance d * (1/sqrt(d))**2 = 1 whatever the dimension. They never
+    appear in the world's frames; analyses that need the ground truth call this function again.
+    """
+    rng = np.random.default_rng([seed, 7])
+    scale = config.latent_dim**-0.25 if config.latent_dim else 0.0
+    users = rng.normal(0.0, scale, size=(config.num_users, config.latent_dim))
+    items = rng.normal(0.0, scale, size=(config.num_items, config.latent_dim))
+    return users, items
+
+
 def generate_world(config: SyntheticWorldConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(interactions, catalog) frames of one synthetic world; identical for identical (config, seed)."""
     rng = np.random.default_rng(seed)
@@ -92,6 +128,8 @@ def generate_world(config: SyntheticWorldConfig, seed: int) -> tuple[pd.DataFram
     mood_of = np.array([m for _, m, _, _ in items])
     popularity = (1.0 + rng.permutation(config.num_items)) ** (-config.popularity_skew)
     popularity = popularity / popularity.sum()
+
+    user_factors, item_factors = latent_factors(config, seed)
 
     weights = np.asarray(config.environment_weights or [1.0] * len(config.exposure_bias), dtype=float)
     environments = rng.choice(len(weights), size=config.num_users, p=weights / weights.sum())
@@ -102,7 +140,9 @@ def generate_world(config: SyntheticWorldConfig, seed: int) -> tuple[pd.DataFram
         favourite_mood = rng.integers(len(MOODS))
         env = int(environments[u])
         exposure = popularity ** config.exposure_bias[env]
+        latent = item_factors @ user_factors[u]  # zeros when latent_dim is 0, leaving appeal and ratings unchanged
         appeal = exposure * np.exp(config.mood_strength * (mood_of == favourite_mood))
+        appeal = appeal * np.exp(config.latent_exposure_weight * latent)
         length = int(rng.integers(config.min_interactions, config.max_interactions + 1))
         seen = np.zeros(config.num_items, dtype=bool)
         clock = float(rng.uniform(0, 1e6))
@@ -119,7 +159,8 @@ def generate_world(config: SyntheticWorldConfig, seed: int) -> tuple[pd.DataFram
             seen[item] = True
             clock += float(rng.exponential(1000.0))
             affinity = taste[genre] / taste.max()
-            rating = float(np.clip(np.rint(2 + 3 * affinity + rng.normal(0, config.rating_noise)), 1, 5))
+            mean = 2 + config.genre_rating_weight * affinity + config.latent_rating_weight * latent[item]
+            rating = float(np.clip(np.rint(mean + rng.normal(0, config.rating_noise)), 1, 5))
             rows.append((f"u{u:04d}", f"i{item:04d}", clock, rating, env))
 
     interactions = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "rating", "environment"])

@@ -1,4 +1,4 @@
-"""curves.png: training (and validation) loss per stage, and the ranking metrics against the baselines."""
+"""curves.png: training (and validation) loss per stage, and the ranking (or CTR) metrics against the baselines."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> None:
     order = ("test", "ood_popularity", "ood_temporal", "ood_environment", "valid")
-    splits = [split for split in order if any(k.startswith(f"{split}/hr@") for k in metrics)]
-    figure, axes = plt.subplots(1, 1 + len(splits), figsize=(6 * (1 + len(splits)), 4.5))
-    loss_axis, metric_axes = axes[0], axes[1:]
+    splits = [split for split in order if any(k.startswith((f"{split}/hr@", f"{split}/auc")) for k in metrics)]
+    figure, axes = plt.subplots(1, 1 + len(splits), figsize=(6 * (1 + len(splits)), 4.5), squeeze=False)
+    loss_axis, metric_axes = axes[0][0], axes[0][1:]
     offset = 0
     for label, history in histories.items():
         train = [(h["step"] + offset, h["loss"]) for h in history if "loss" in h]
@@ -30,7 +30,7 @@ def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> 
     if histories:
         loss_axis.legend()
     for axis, split in zip(metric_axes, splits):
-        _ranking_bars(axis, metrics, split)
+        (_ranking_bars if f"{split}/auc" not in metrics else _ctr_bars)(axis, metrics, split)
     figure.tight_layout()
 
     fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=".png", dir=path.parent)
@@ -44,14 +44,33 @@ def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> 
             os.unlink(tmp)
 
 
-def _ranking_bars(axis, metrics: dict, split: str) -> None:
-    ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith(f"{split}/hr@"))
+def _systems(metrics: dict, split: str, metric: str) -> dict[str, str]:
+    """{system: metric-key prefix}: the model and every baseline that reports `metric` on `split`."""
     systems = {"model": f"{split}/"}
     for key in metrics:
         parts = key.split("/")
         in_split = len(parts) == 3 if split == "test" else (len(parts) == 4 and parts[2] == split)
-        if parts[0] == "baseline" and parts[-1].startswith("hr@") and in_split:
+        if parts[0] == "baseline" and parts[-1].startswith(metric) and in_split:
             systems[parts[1]] = "/".join(parts[:-1]) + "/"
+    return systems
+
+
+def _ctr_bars(axis, metrics: dict, split: str) -> None:
+    systems = _systems(metrics, split, "auc")
+    labels = ["AUC", "UAUC"]
+    width = 0.8 / len(systems)
+    for i, (name, prefix) in enumerate(systems.items()):
+        values = [metrics.get(f"{prefix}{m.lower()}", 0.0) for m in labels]
+        axis.bar([x + i * width for x in range(len(labels))], values, width, label=name)
+    axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axis.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(labels))], labels)
+    axis.set(title=f"Like prediction ({split})", ylabel="score", ylim=(0, 1))
+    axis.legend()
+
+
+def _ranking_bars(axis, metrics: dict, split: str) -> None:
+    ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith(f"{split}/hr@"))
+    systems = _systems(metrics, split, "hr@")
     labels = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG")]
     width = 0.8 / max(1, len(systems))
     for i, (name, prefix) in enumerate(systems.items()):

@@ -62,6 +62,26 @@ def _results(metrics: dict, recipe: Recipe) -> str:
     return "\n".join(sections)
 
 
+def _ctr_results(metrics: dict) -> str:
+    sections = []
+    for split, name in SPLIT_NAMES.items():
+        if f"{split}/auc" not in metrics:
+            continue
+        rows = ["| system | AUC | UAUC |", "|---|---|---|"]
+        systems = [("this model", f"{split}/")] + [
+            (f"{baseline} baseline", baseline_prefix(baseline, split)) for baseline in ("cf", "popularity")
+            if baseline_prefix(baseline, split) + "auc" in metrics
+        ]
+        for system, prefix in systems:
+            cells = [f"{metrics[prefix + m]:.4f}" if isinstance(metrics.get(prefix + m), float) else "–" for m in ("auc", "uauc")]
+            rows.append(f"| {system} | " + " | ".join(cells) + " |")
+        sections.append(
+            f"## Results: {name} ({metrics[f'{split}/rows']} rows, {metrics[f'{split}/positive_rate']:.1%} liked; UAUC over "
+            f"{metrics[f'{split}/uauc_users']} users with both classes)\n\n" + "\n".join(rows) + "\n"
+        )
+    return "\n".join(sections)
+
+
 def _shift(recipe: Recipe) -> str:
     details = {
         "popularity": lambda s: f"test targets re-drawn with weight popularity^-{s.power}",
@@ -70,6 +90,39 @@ def _shift(recipe: Recipe) -> str:
     }
     shifts = [f"{s.kind} shift ({details[s.kind](s)})" for s in recipe.data.shifts]
     return f"; out-of-distribution tests: {'; '.join(shifts)}" if shifts else ""
+
+
+_INTRO = {
+    "ranking": """A next-item recommender trained with [llmrec](https://github.com/llmrec/llmrec): the model reads a user's recent
+item titles and writes the title of the next item; recommendations are ranked over the whole catalog by
+constrained beam search, so every recommendation is a real item.""",
+    "ctr": """A like predictor trained with [llmrec](https://github.com/llmrec/llmrec): the model reads the titles a user liked
+and a candidate item's title and answers Yes or No; the score is the softmax of the two answers' logits.""",
+}
+
+
+def _notes(recipe: Recipe, path: Path) -> str:
+    if recipe.eval.task == "ctr":
+        export = (f"\nllmrec export {path.parent} --user USER_ID"
+                  f"{'' if recipe.adapter.args.get('conditioning') == 'user' else ' --item ITEM_ID'} --to peft-lora OUT"
+                  if recipe.adapter.method == "cora" else "")
+        return f"""AUC is over all rows; UAUC averages the AUC of each user who has both liked and disliked rows.
+
+## Use
+
+```bash
+llmrec eval {path.parent}{export}
+```"""
+    return f"""Items the user had already interacted with are {'excluded from' if recipe.eval.exclude_history else 'allowed in'} every ranking.
+The over-recommendation ratio is the share of all top-{max(recipe.eval.ks)} slots taken by the three most recommended
+items (high values mean every user gets the same few items).
+
+## Use
+
+```bash
+llmrec recommend {path.parent} --user USER_ID -k 10
+llmrec eval {path.parent}
+```"""
 
 
 def write_card(path: Path, recipe: Recipe, data: RecData, metrics: dict) -> None:
@@ -85,9 +138,7 @@ tags: [llmrec, recommendation, {recipe.adapter.method}]
 
 # {recipe.run.name}
 
-A next-item recommender trained with [llmrec](https://github.com/llmrec/llmrec): the model reads a user's recent
-item titles and writes the title of the next item; recommendations are ranked over the whole catalog by
-constrained beam search, so every recommendation is a real item.
+{_INTRO[recipe.eval.task]}
 
 - **Base model:** `{recipe.model.name}`
 - **Adapter:** {adapter} {recipe.adapter.args or ''}
@@ -96,17 +147,8 @@ constrained beam search, so every recommendation is a real item.
   split {describe_split(recipe.data.split)}{_shift(recipe)}; prompts show the last {recipe.data.task.history_length} items.
 - **Seed:** {recipe.run.seed}
 
-{_results(metrics, recipe)}
-Items the user had already interacted with are {'excluded from' if recipe.eval.exclude_history else 'allowed in'} every ranking.
-The over-recommendation ratio is the share of all top-{max(recipe.eval.ks)} slots taken by the three most recommended
-items (high values mean every user gets the same few items).
-
-## Use
-
-```bash
-llmrec recommend {path.parent} --user USER_ID -k 10
-llmrec eval {path.parent}
-```
+{_results(metrics, recipe) if recipe.eval.task == "ranking" else _ctr_results(metrics)}
+{_notes(recipe, path)}
 
 ## Recipe
 

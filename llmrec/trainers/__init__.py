@@ -24,6 +24,7 @@ TRAINERS: dict[str, str] = {
     "dpo": "llmrec.trainers.dpo:DPO",
     "softmax_dpo": "llmrec.trainers.softmax_dpo:SOFTMAX_DPO",
     "causal_dpo": "llmrec.trainers.causal_dpo:CAUSAL_DPO",
+    "ctr": "llmrec.trainers.ctr:CTR",
 }
 
 
@@ -45,6 +46,10 @@ def _no_kwargs(context: StageContext) -> dict:
     return {}
 
 
+def _needs_nothing(recipe: Recipe) -> list[tuple[tuple, str]]:
+    return []
+
+
 @dataclass(frozen=True)
 class StageSpec:
     config_class: type
@@ -55,6 +60,8 @@ class StageSpec:
     data_config: type | None = None
     # llmrec passes the model as built by the adapter; methods that need extra trainer arguments add them here
     trainer_kwargs: Callable[[StageContext], dict] = _no_kwargs
+    # (recipe key path, message) for each thing the stage needs elsewhere in the recipe (checked at load time)
+    recipe_needs: Callable[[Recipe], list[tuple[tuple, str]]] = _needs_nothing
 
 
 def get_stage(name: str, key: str) -> StageSpec:

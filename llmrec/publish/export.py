@@ -1,0 +1,49 @@
+"""`llmrec export`: a finished run's adapter as a stock PEFT LoRA adapter that `PeftModel.from_pretrained` and
+vLLM load without llmrec.
+
+A LoRA run's final adapter already is one and is copied. A CoRA run's weights depend on the user (and item), so the
+export materialises them for one user (`conditioning: user`) or one user–item pair: lora_A = A(u, i) and
+lora_B = (α / r) · tanh(g) · B with scaling 1, which gives the same logits as the CoRA model for that input.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from llmrec.errors import LLMRecError
+from llmrec.files import atomic_dir
+from llmrec.logs import get_logger
+
+logger = get_logger(__name__)
+
+
+def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = None, item: str | None = None) -> Path:
+    from llmrec.recipe import load_recipe
+    from llmrec.run import RunDir, load_trained
+
+    run = RunDir(run_dir)
+    if not run.recipe_file.is_file():
+        raise LLMRecError("not a run directory (no recipe.yaml).", str(run_dir))
+    recipe = load_recipe(run.recipe_file, instantiate=False)
+    method = recipe.adapter.method
+    if method not in ("lora", "cora"):
+        raise LLMRecError(f"only LoRA and CoRA runs export to a PEFT LoRA adapter; this run's adapter is {method!r}.", "adapter.method")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LLMRecError("the output folder exists and is not empty; choose a new one.", str(out))
+    if method == "lora":
+        if user or item:
+            raise LLMRecError("a LoRA adapter is the same for every user; drop --user and --item.", "--user")
+        with atomic_dir(out) as tmp:
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copy2(run.final / name, tmp / name)
+        return out
+    if user is None:
+        raise LLMRecError("a CoRA adapter is materialised for one user; pass --user (and --item unless it is user-conditioned).", "--user")
+    _, _, model, tokenizer, _ = load_trained(run_dir)
+    with atomic_dir(out) as tmp:
+        model.to_peft_lora(tmp, user, item)
+        tokenizer.save_pretrained(tmp)
+    logger.info(f"wrote {out}: a PEFT LoRA adapter for user {user!r}" + (f" and item {item!r}" if item else ""))
+    return out
