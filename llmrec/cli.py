@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="a finished run's adapter in a stock format")
     export.add_argument("run_dir")
-    export.add_argument("--to", choices=["peft-lora"], default="peft-lora", help="the format (a PEFT LoRA adapter folder)")
+    export.add_argument("--to", choices=["peft-lora", "peft-prompt-tuning"], default="peft-lora",
+                        help="the format: a PEFT LoRA adapter (LoRA, CoRA) or prompt-tuning adapter (EPT, LAMP)")
     export.add_argument("--user", help="CoRA: the user whose weights are materialised")
     export.add_argument("--item", help="CoRA conditioned on (user, item): the item")
     export.add_argument("out", help="the new adapter folder")
@@ -110,9 +111,12 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "recommend":
         _recommend(args)
     elif args.command == "export":
-        from llmrec.publish.export import export_peft_lora
+        from llmrec.publish.export import export_peft_lora, export_peft_prompt_tuning
 
-        print(export_peft_lora(args.run_dir, args.out, args.user, args.item))
+        if args.to == "peft-prompt-tuning":
+            print(export_peft_prompt_tuning(args.run_dir, args.out))
+        else:
+            print(export_peft_lora(args.run_dir, args.out, args.user, args.item))
 
 
 def _recipe_command(args: argparse.Namespace) -> None:

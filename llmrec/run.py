@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 from accelerate.utils import is_peft_model
+from transformers import PreTrainedModel
 
 from llmrec.adapters import AdapterContext, get_adapter
 from llmrec.data import RecData, load_data
@@ -305,6 +306,7 @@ def _run_stage(recipe: Recipe, run: RunDir, data: RecData, model, tokenizer, ind
         wants_eval=config.eval_strategy != "no",
         data_config=recipe.stage_data(index),
         model_source=model_source,
+        args=config,
     )
     train_dataset, eval_dataset = spec.build_datasets(context)
     if len(train_dataset) == 0:
@@ -338,6 +340,12 @@ def _run_stage(recipe: Recipe, run: RunDir, data: RecData, model, tokenizer, ind
     trainer.save_model(str(partial))  # every process: ZeRO-3 and FSDP gather the weights here
     summary = stage_summary(trainer.state.log_history, trainer.state.global_step)
     if state.is_main_process:
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        if not isinstance(trained, PreTrainedModel) and not is_peft_model(trained):
+            # llmrec's own adapters (CoRA, EPT, LAMP): transformers wrote their bare state dict as model.safetensors;
+            # the stage result is the adapter folder that `adapter.load` reads
+            (partial / "model.safetensors").unlink(missing_ok=True)
+            get_adapter(recipe.adapter.method).save(trained, partial)
         tokenizer.save_pretrained(partial)
         (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved recipe says the same
         write_json(partial / RESULT_MARKER, {"summary": summary, "log_history": trainer.state.log_history})

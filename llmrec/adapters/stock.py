@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, PromptTuningConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM
 
 
@@ -45,4 +45,5 @@ class FullFineTuning:
 
 
 LORA = StockPeftAdapter(LoraConfig)
+PROMPT_TUNING = StockPeftAdapter(PromptTuningConfig)
 FULL_FINE_TUNING = FullFineTuning()

@@ -1,5 +1,8 @@
-"""`llmrec export`: a finished run's adapter as a stock PEFT LoRA adapter that `PeftModel.from_pretrained` and
-vLLM load without llmrec.
+"""`llmrec export`: a finished run's adapter in a stock PEFT format that `PeftModel.from_pretrained` and vLLM load
+without llmrec.
+
+`--to peft-prompt-tuning`: an EPT or LAMP run's final prompt as a PEFT prompt-tuning adapter (exact for LAMP and
+for EPT/DePT without position offsets; refused, with the reason, otherwise).
 
 A LoRA run's final adapter already is one and is copied. A CoRA run's weights depend on the user (and item), so the
 export materialises them for one user (`conditioning: user`) or one user–item pair: lora_A = A(u, i) and
@@ -18,20 +21,42 @@ from llmrec.logs import get_logger
 logger = get_logger(__name__)
 
 
-def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = None, item: str | None = None) -> Path:
+def _finished_run(run_dir: str | Path, out: str | Path):
     from llmrec.recipe import load_recipe
-    from llmrec.run import RunDir, load_trained
+    from llmrec.run import RunDir
 
     run = RunDir(run_dir)
     if not run.recipe_file.is_file():
         raise LLMRecError("not a run directory (no recipe.yaml).", str(run_dir))
-    recipe = load_recipe(run.recipe_file, instantiate=False)
-    method = recipe.adapter.method
-    if method not in ("lora", "cora"):
-        raise LLMRecError(f"only LoRA and CoRA runs export to a PEFT LoRA adapter; this run's adapter is {method!r}.", "adapter.method")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LLMRecError("the output folder exists and is not empty; choose a new one.", str(out))
+    return run, load_recipe(run.recipe_file, instantiate=False), out
+
+
+def export_peft_prompt_tuning(run_dir: str | Path, out: str | Path) -> Path:
+    from llmrec.run import load_trained
+
+    run, recipe, out = _finished_run(run_dir, out)
+    if recipe.adapter.method not in ("ept", "lamp"):
+        raise LLMRecError(f"only EPT and LAMP runs export to a PEFT prompt-tuning adapter; this run's adapter is "
+                          f"{recipe.adapter.method!r}.", "adapter.method")
+    _, _, model, tokenizer, _ = load_trained(run_dir)
+    with atomic_dir(out) as tmp:
+        model.to_peft_prompt_tuning(tmp)
+        tokenizer.save_pretrained(tmp)
+    logger.info(f"wrote {out}: a PEFT prompt-tuning adapter with {model.num_virtual_tokens} virtual tokens")
+    return out
+
+
+def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = None, item: str | None = None) -> Path:
+    from llmrec.run import load_trained
+
+    run, recipe, out = _finished_run(run_dir, out)
+    method = recipe.adapter.method
+    if method not in ("lora", "cora"):
+        raise LLMRecError(f"only LoRA and CoRA runs export to a PEFT LoRA adapter; this run's adapter is {method!r}"
+                          f"{' (use --to peft-prompt-tuning)' if method in ('ept', 'lamp') else ''}.", "adapter.method")
     if method == "lora":
         if user or item:
             raise LLMRecError("a LoRA adapter is the same for every user; drop --user and --item.", "--user")

@@ -40,6 +40,7 @@ class StageContext:
     wants_eval: bool
     data_config: Any = None  # the stage's `data` section, validated against StageSpec.data_config
     model_source: str = ""  # where the model at the start of this stage was loaded from (a folder or a Hub id)
+    args: Any = None  # the stage's config object (the trainer's `args`)
 
 
 def _no_kwargs(context: StageContext) -> dict:

@@ -22,9 +22,16 @@ def build_datasets(context: StageContext):
     return train, valid
 
 
+def trainer_kwargs(context: StageContext) -> dict:
+    # prompt adapters (EPT/DePT) train their prompt and low-rank factors at different learning rates
+    groups = getattr(context.model, "optimizer_cls_and_kwargs", None)
+    return {"optimizer_cls_and_kwargs": groups(context.args)} if groups else {}
+
+
 SFT = StageSpec(
     config_class=SFTConfig,
     trainer_class=SFTTrainer,
     build_datasets=build_datasets,
     description="supervised fine-tuning on next-item prompt-completion pairs",
+    trainer_kwargs=trainer_kwargs,
 )
