@@ -138,6 +138,9 @@ def _data_stats(args: argparse.Namespace) -> None:
     from llmrec.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, instantiate=False)
+    if recipe.data.classification is not None:  # its rows do not come from the interactions
+        _classification_stats(recipe)
+        return
     data = load_data(recipe.data, recipe.run.seed)
     for key, value in data.stats().items():
         print(f"{key:>20}: {value}")
@@ -151,6 +154,22 @@ def _data_stats(args: argparse.Namespace) -> None:
         print(f"{'train examples':>20}: {len(train)}")
     if len(train):
         print("\nexample prompt:\n" + train[0]["prompt"] + "\nexample completion:\n" + train[0]["completion"])
+
+
+def _classification_stats(recipe) -> None:
+    from collections import Counter
+
+    from llmrec.data import classification_examples
+
+    config = recipe.data.classification
+    print(f"{'task':>20}: {config.name}")
+    for split in ("train", "valid", "test"):
+        rows = classification_examples(config, split, recipe.run.seed)
+        counts = Counter(rows["label"])
+        print(f"{split + ' rows':>20}: {len(rows)} ("
+              + ", ".join(f"{counts[k]} {word.strip()!r}" for k, word in enumerate(config.label_words)) + ")")
+    train = classification_examples(config, "train", recipe.run.seed)
+    print("\nexample prompt:\n" + train[0]["prompt"] + "\nexample completion:\n" + train[0]["completion"])
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -178,7 +197,8 @@ def _recommend(args: argparse.Namespace) -> None:
         raise LLMRecError("must be at least 1.", "-k")
     recipe, data, model, tokenizer, _ = load_trained(args.run_dir)
     if recipe.eval.task != "ranking":
-        raise LLMRecError("this run predicts likes (eval.task: ctr), it does not rank items; use `llmrec eval`.", args.run_dir)
+        raise LLMRecError(f"this run is evaluated on eval.task: {recipe.eval.task}, it does not rank items; use `llmrec eval`.",
+                          args.run_dir)
     sequences = data.user_sequences()
     if args.user not in sequences:
         raise LLMRecError(

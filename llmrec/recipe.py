@@ -506,6 +506,16 @@ def _instantiate(recipe: Recipe, places: _Places) -> None:
         needs += get_stage(stage.trainer, "stages").recipe_needs(recipe)
     if recipe.eval.task == "ctr" and recipe.data.ctr is None:
         needs.append((("eval", "task"), "the CTR evaluation needs a data.ctr section (how rated interactions become Yes/No rows)."))
+    if recipe.eval.task == "classification":
+        if recipe.data.classification is None:
+            needs.append((("eval", "task"), "the classification evaluation needs a data.classification section (the "
+                          "task, its prompt template and label words)."))
+        others = [split for split in recipe.eval.splits if split not in ("test", "valid")]
+        if others:
+            needs.append((("eval", "splits"), f"a classification task has test and valid splits only, not {others[0]!r}."))
+    elif recipe.data.classification is not None:
+        needs.append((("eval", "task"), "with data.classification, trainer sft trains on classification rows; evaluate "
+                      "them with eval.task: classification (or remove data.classification)."))
     if needs:
         first = {where: message for where, message in reversed(needs)}  # one message per place
         raise LLMRecError("\n".join(f"{places(where)}: {message}" for where, message in reversed(first.items())))

@@ -139,15 +139,24 @@ def _callbacks():
 
 
 def _tokenizer_texts(recipe: Recipe, data: RecData):
-    """What a tiny model's tokenizer is trained on: the titles, and the prompt templates (repeated so their words
-    become whole tokens)."""
+    """What a tiny model's tokenizer is trained on: the titles, the prompt templates (repeated so their words
+    become whole tokens) and, with a classification task, its training rows (prompt and label word)."""
     task = recipe.data.task
     fixed = [task.prompt_template.replace("{history}", task.history_separator.join(["{title}"] * 2))]
     if recipe.data.ctr is not None:
         from llmrec.data import ctr_tokenizer_texts
 
         fixed += ctr_tokenizer_texts(recipe.data.ctr)
-    return lambda: [*data.titles.values(), *(fixed * 200)]
+
+    def texts() -> list[str]:
+        rows = []
+        if recipe.data.classification is not None:
+            from llmrec.data import classification_tokenizer_texts
+
+            rows = classification_tokenizer_texts(recipe.data.classification, recipe.run.seed)
+        return [*data.titles.values(), *(fixed * 200), *rows]
+
+    return texts
 
 
 def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:
@@ -282,6 +291,10 @@ def evaluate_split(model, tokenizer, data: RecData, recipe: Recipe, split: str) 
         from llmrec.eval.ctr import evaluate_ctr
 
         return evaluate_ctr(model, tokenizer, data, recipe, split)
+    if recipe.eval.task == "classification":
+        from llmrec.eval.classification import evaluate_classification
+
+        return evaluate_classification(model, tokenizer, recipe, split)
     from llmrec.eval.ranking import evaluate_ranking
 
     return evaluate_ranking(model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split, recipe.data.shifts)
@@ -397,11 +410,14 @@ def finish(run: RunDir, recipe: Recipe, data: RecData, metrics: dict, prediction
 
 
 def print_summary(metrics: dict, recipe: Recipe, splits: list[str] | None = None) -> None:
-    """The ranking metrics of the model and the baselines, side by side, on stdout (one table per split)."""
+    """The metrics of the model and the baselines, side by side, on stdout (one table per split)."""
     from llmrec.eval.ranking import baseline_prefix
 
     if recipe.eval.task == "ctr":
         _print_ctr_summary(metrics, splits or recipe.eval.splits)
+        return
+    if recipe.eval.task == "classification":
+        _print_classification_summary(metrics, splits or recipe.eval.splits, recipe)
         return
     for split in splits or recipe.eval.splits:
         names = [("model", f"{split}/")] + [(name, baseline_prefix(name, split)) for name in recipe.eval.baselines]
@@ -431,6 +447,19 @@ def _print_ctr_summary(metrics: dict, splits: list[str]) -> None:
         for name, prefix in [("model", f"{split}/")] + [(b, baseline_prefix(b, split)) for b in ("cf", "popularity")]:
             if prefix + "auc" in metrics:
                 print(f"{name:<12}" + "".join(f"{metrics.get(prefix + m, float('nan')):>10.4f}" for m in ("auc", "uauc")))
+
+
+def _print_classification_summary(metrics: dict, splits: list[str], recipe: Recipe) -> None:
+    from llmrec.eval.ranking import baseline_prefix
+
+    config = recipe.data.classification
+    for split in splits:
+        if f"{split}/accuracy" not in metrics:
+            continue
+        print(f"\n{split} {config.name} classification: {metrics[f'{split}/rows']} rows, {config.num_classes} classes:")
+        print(f"{'':<12}{'accuracy':>10}")
+        for name, prefix in (("model", f"{split}/"), ("majority", baseline_prefix("majority", split))):
+            print(f"{name:<12}{metrics.get(prefix + 'accuracy', float('nan')):>10.4f}")
 
 
 def load_trained(run_dir: str | Path):

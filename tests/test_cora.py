@@ -241,17 +241,17 @@ def test_the_text_only_lora_baseline_runs_through_the_same_loop(tmp_path):
 
 
 def test_left_padded_ctr_scores_equal_one_prompt_at_a_time(tokenizer, base):
-    from llmrec.eval.ctr import CTRCollator, yes_no_logits
+    from llmrec.eval.answers import AnswerCollator, answer_logits
 
     model = _cora(base).eval()
     _perturb(model)
     prompts = [tokenizer("Golden Jazz River. Will the user like it? Answer:")["input_ids"], tokenizer("Answer:")["input_ids"]]
     rows = [{"input_ids": ids, "label": 1, "user_id": u, "item_id": i} for ids, u, i in zip(prompts, ("u0", "u1"), ("i2", "i3"))]
-    collate = CTRCollator(tokenizer.pad_token_id, model.cf_index)
+    collate = AnswerCollator(tokenizer.pad_token_id, model.cf_index)
     answers = (5, 9)
     with torch.no_grad():
-        together = yes_no_logits(model, collate(rows), answers)
-        alone = torch.cat([yes_no_logits(model, collate([row]), answers) for row in rows])
+        together = answer_logits(model, collate(rows), answers)
+        alone = torch.cat([answer_logits(model, collate([row]), answers) for row in rows])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 

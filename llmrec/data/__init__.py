@@ -1,5 +1,6 @@
 """Recommendation data: loaders and synthetic worlds -> checks -> filters -> OOD hold-out -> per-user split -> `RecData`,
-and the task builders that turn `RecData` into training rows (next-item, preference, CTR)."""
+and the task builders that turn `RecData` into training rows (next-item, preference, CTR). Text classification
+(`data.classification`) builds its rows without `RecData`: synthetic tasks generated offline, or GLUE."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pydantic import Field
 
 from llmrec.schema import Section
 
+from .classification import ClassificationTaskConfig, classification_examples, classification_tokenizer_texts
 from .ctr import CTRTaskConfig, ctr_examples, ctr_tokenizer_texts
 from .filters import FilterConfig, apply_filters
 from .loaders import AmazonSource, MovieLens1MSource, MovieLens100KSource, RecBoleSource, TableSource
@@ -35,6 +37,12 @@ class DataConfig(Section):
     shifts: list[ShiftConfig] = Field(default_factory=list, description="Out-of-distribution test sets to add.")
     task: NextItemTaskConfig = Field(default_factory=NextItemTaskConfig)
     ctr: CTRTaskConfig | None = Field(None, description="The Yes/No like-prediction task (CTR); needs ratings.")
+    classification: ClassificationTaskConfig | None = Field(
+        None,
+        description="A text-classification task (label-word scoring): `trainer: sft` trains on its rows instead of "
+        "next-item examples, and `eval.task: classification` evaluates it. The interactions are still loaded (the "
+        "default synthetic world is cheap) but not used.",
+    )
 
     def shift(self, kind: str) -> ShiftConfig | None:
         return next((shift for shift in self.shifts if shift.kind == kind), None)
@@ -54,6 +62,7 @@ def load_data(config: DataConfig, seed: int) -> RecData:
 
 __all__ = [
     "CTRTaskConfig",
+    "ClassificationTaskConfig",
     "DataConfig",
     "FilterConfig",
     "NextItemTaskConfig",
@@ -64,6 +73,8 @@ __all__ = [
     "ShiftConfig",
     "SplitConfig",
     "SyntheticWorldConfig",
+    "classification_examples",
+    "classification_tokenizer_texts",
     "ctr_examples",
     "ctr_tokenizer_texts",
     "load_data",

@@ -1,5 +1,6 @@
-"""Evaluation: whole-catalog ranking by constrained beam search (with popularity and random baselines), or the
-Yes/No CTR task by AUC and UAUC (`eval.task: ctr`)."""
+"""Evaluation: whole-catalog ranking by constrained beam search (with popularity and random baselines), the
+Yes/No CTR task by AUC and UAUC (`eval.task: ctr`), or text classification by label-word accuracy
+(`eval.task: classification`)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from llmrec.schema import Section
 class EvalConfig(Section):
     """`eval`: how the trained model is evaluated at the end of a run (and by `llmrec eval`)."""
 
-    task: Literal["ranking", "ctr"] = Field(
-        "ranking", description="'ranking': next-item ranking over the catalog; 'ctr': Yes/No like prediction (needs data.ctr)."
+    task: Literal["ranking", "ctr", "classification"] = Field(
+        "ranking",
+        description="'ranking': next-item ranking over the catalog; 'ctr': Yes/No like prediction (needs data.ctr); "
+        "'classification': accuracy by label-word scoring (needs data.classification; splits test and valid).",
     )
     splits: list[Literal["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"]] = Field(
         default_factory=lambda: ["test"], min_length=1, description="Which targets to rank (ood_<kind> needs that shift)."
     )
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1, description="Cut-offs for HR@K and NDCG@K.")
     num_beams: int | None = Field(None, ge=1, description="Beams (= items returned); default max(ks).")
-    batch_size: int = Field(8, ge=1, description="Prompts per beam-search (or CTR scoring) batch.")
+    batch_size: int = Field(8, ge=1, description="Prompts per beam-search (or CTR / classification scoring) batch.")
     max_targets: int | None = Field(None, ge=1, description="Rank a seeded sample of this many targets (None: all).")
     exclude_history: bool = Field(True, description="Never recommend items the user already interacted with.")
     baselines: list[Literal["popularity", "random"]] = Field(default_factory=lambda: ["popularity", "random"])

@@ -1,4 +1,5 @@
-"""curves.png: training (and validation) loss per stage, and the ranking (or CTR) metrics against the baselines."""
+"""curves.png: training (and validation) loss per stage, and the ranking (CTR, classification) metrics against the
+baselines."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> None:
     order = ("test", "ood_popularity", "ood_temporal", "ood_environment", "valid")
-    splits = [split for split in order if any(k.startswith((f"{split}/hr@", f"{split}/auc")) for k in metrics)]
+    splits = [split for split in order
+              if any(k.startswith((f"{split}/hr@", f"{split}/auc")) or k == f"{split}/accuracy" for k in metrics)]
     figure, axes = plt.subplots(1, 1 + len(splits), figsize=(6 * (1 + len(splits)), 4.5), squeeze=False)
     loss_axis, metric_axes = axes[0][0], axes[0][1:]
     offset = 0
@@ -30,7 +32,8 @@ def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> 
     if histories:
         loss_axis.legend()
     for axis, split in zip(metric_axes, splits):
-        (_ranking_bars if f"{split}/auc" not in metrics else _ctr_bars)(axis, metrics, split)
+        bars = _ctr_bars if f"{split}/auc" in metrics else _accuracy_bars if f"{split}/accuracy" in metrics else _ranking_bars
+        bars(axis, metrics, split)
     figure.tight_layout()
 
     fd, tmp = tempfile.mkstemp(prefix=".curves.", suffix=".png", dir=path.parent)
@@ -66,6 +69,12 @@ def _ctr_bars(axis, metrics: dict, split: str) -> None:
     axis.set_xticks([x + width * (len(systems) - 1) / 2 for x in range(len(labels))], labels)
     axis.set(title=f"Like prediction ({split})", ylabel="score", ylim=(0, 1))
     axis.legend()
+
+
+def _accuracy_bars(axis, metrics: dict, split: str) -> None:
+    systems = _systems(metrics, split, "accuracy")
+    axis.bar(list(systems), [metrics.get(f"{prefix}accuracy", 0.0) for prefix in systems.values()])
+    axis.set(title=f"Classification ({split})", ylabel="accuracy", ylim=(0, 1))
 
 
 def _ranking_bars(axis, metrics: dict, split: str) -> None:

@@ -1,4 +1,5 @@
-"""The run's model card (README.md): what was trained on what, how well it ranks, and how to use it."""
+"""The run's model card (README.md): what was trained on what, how well it ranks (or predicts likes, or classifies),
+and how to use it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import platform
 from pathlib import Path
 
 from llmrec.data import RecData
+from llmrec.data.classification import describe_classification
 from llmrec.data.splits import describe_split
 from llmrec.eval.ranking import baseline_prefix
 from llmrec.files import write_text
@@ -82,6 +84,20 @@ def _ctr_results(metrics: dict) -> str:
     return "\n".join(sections)
 
 
+def _classification_results(metrics: dict, recipe: Recipe) -> str:
+    sections = []
+    for split, name in SPLIT_NAMES.items():
+        if f"{split}/accuracy" not in metrics:
+            continue
+        rows = ["| system | accuracy |", "|---|---|"]
+        for system, prefix in (("this model", f"{split}/"), ("majority-class baseline", baseline_prefix("majority", split))):
+            value = metrics.get(prefix + "accuracy")
+            rows.append(f"| {system} | {value:.4f} |" if isinstance(value, float) else f"| {system} | – |")
+        sections.append(f"## Results: {name} ({metrics[f'{split}/rows']} rows, "
+                        f"{recipe.data.classification.num_classes} classes)\n\n" + "\n".join(rows) + "\n")
+    return "\n".join(sections)
+
+
 def _shift(recipe: Recipe) -> str:
     details = {
         "popularity": lambda s: f"test targets re-drawn with weight popularity^-{s.power}",
@@ -98,10 +114,21 @@ item titles and writes the title of the next item; recommendations are ranked ov
 constrained beam search, so every recommendation is a real item.""",
     "ctr": """A like predictor trained with [llmrec](https://github.com/llmrec/llmrec): the model reads the titles a user liked
 and a candidate item's title and answers Yes or No; the score is the softmax of the two answers' logits.""",
+    "classification": """A text classifier trained with [llmrec](https://github.com/llmrec/llmrec): the model reads a prompt holding the
+text and writes the class's label word; the predicted class is the label word whose first token has the highest
+logit after the prompt.""",
 }
 
 
 def _notes(recipe: Recipe, path: Path) -> str:
+    if recipe.eval.task == "classification":
+        return f"""The majority-class baseline always answers the most frequent class of the training rows.
+
+## Use
+
+```bash
+llmrec eval {path.parent}
+```"""
     if recipe.eval.task == "ctr":
         export = (f"\nllmrec export {path.parent} --user USER_ID"
                   f"{'' if recipe.adapter.args.get('conditioning') == 'user' else ' --item ITEM_ID'} --to peft-lora OUT"
@@ -125,15 +152,28 @@ llmrec eval {path.parent}
 ```"""
 
 
-def write_card(path: Path, recipe: Recipe, data: RecData, metrics: dict) -> None:
+def _data_line(recipe: Recipe, data: RecData) -> str:
+    if recipe.data.classification is not None:
+        return f"- **Data:** {describe_classification(recipe.data.classification)}."
     stats = data.stats()
+    return f"""- **Data:** {stats['name']} — {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions;
+  split {describe_split(recipe.data.split)}{_shift(recipe)}; prompts show the last {recipe.data.task.history_length} items."""
+
+
+def _results_of(metrics: dict, recipe: Recipe) -> str:
+    if recipe.eval.task == "classification":
+        return _classification_results(metrics, recipe)
+    return _results(metrics, recipe) if recipe.eval.task == "ranking" else _ctr_results(metrics)
+
+
+def write_card(path: Path, recipe: Recipe, data: RecData, metrics: dict) -> None:
     adapter = recipe.adapter.method if recipe.adapter.method != "none" else "none (full fine-tuning)"
     stages = ", ".join(stage.trainer for stage in recipe.stages) or "none (evaluation of the base model)"
     versions = library_versions()
     text = f"""---
 library_name: llmrec
 base_model: {recipe.model.name}
-tags: [llmrec, recommendation, {recipe.adapter.method}]
+tags: [llmrec, {"text-classification" if recipe.eval.task == "classification" else "recommendation"}, {recipe.adapter.method}]
 ---
 
 # {recipe.run.name}
@@ -143,11 +183,10 @@ tags: [llmrec, recommendation, {recipe.adapter.method}]
 - **Base model:** `{recipe.model.name}`
 - **Adapter:** {adapter} {recipe.adapter.args or ''}
 - **Stages:** {stages}
-- **Data:** {stats['name']} — {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions;
-  split {describe_split(recipe.data.split)}{_shift(recipe)}; prompts show the last {recipe.data.task.history_length} items.
+{_data_line(recipe, data)}
 - **Seed:** {recipe.run.seed}
 
-{_results(metrics, recipe) if recipe.eval.task == "ranking" else _ctr_results(metrics)}
+{_results_of(metrics, recipe)}
 {_notes(recipe, path)}
 
 ## Recipe

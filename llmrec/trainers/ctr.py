@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from llmrec.data.ctr import ctr_examples
-from llmrec.eval.ctr import CTRCollator, answer_token_ids, tokenize_prompts, yes_no_logits
+from llmrec.eval.answers import AnswerCollator, answer_logits, answer_token_ids, tokenize_prompts
 from llmrec.eval.metrics import auc
 
 from . import StageContext, StageSpec
@@ -44,19 +44,19 @@ class CTRTrainer(Trainer):
                  answers: tuple[str, str] = (" Yes", " No"), **kwargs):
         if processing_class is None:
             raise ValueError("CTRTrainer needs the tokenizer (processing_class)")
-        self.answer_ids = answer_token_ids(processing_class, *answers)
+        self.answer_ids = answer_token_ids(processing_class, answers, "data.ctr.yes_answer")
         tokenize = lambda rows: {"input_ids": tokenize_prompts(processing_class, rows["prompt"], args.max_length)}  # noqa: E731
         columns = ["input_ids", "label", "user_id", "item_id"]
         train_dataset = train_dataset.map(tokenize, batched=True).select_columns(columns) if train_dataset is not None else None
         eval_dataset = eval_dataset.map(tokenize, batched=True).select_columns(columns) if eval_dataset is not None else None
         super().__init__(
-            model=model, args=args, data_collator=CTRCollator(processing_class.pad_token_id, getattr(model, "cf_index", None)),
+            model=model, args=args, data_collator=AnswerCollator(processing_class.pad_token_id, getattr(model, "cf_index", None)),
             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
             compute_metrics=_auc_metric, **kwargs,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logits = yes_no_logits(model, inputs, self.answer_ids)
+        logits = answer_logits(model, inputs, self.answer_ids)
         loss = torch.nn.functional.cross_entropy(logits, 1 - inputs["labels"])  # class 0 is "Yes"
         return (loss, logits) if return_outputs else loss
 

@@ -1,20 +1,33 @@
-"""SFT: TRL's `SFTTrainer` unchanged, trained on next-item prompt–completion examples (BIGRec-style).
+"""SFT: TRL's `SFTTrainer` unchanged, trained on next-item prompt–completion examples (BIGRec-style), or on the
+rows of a text-classification task when the recipe sets `data.classification`.
 
 The loss covers the completion only (TRL's default for prompt–completion data): the model learns to write the
-next item's title, then EOS, given the history.
+next item's title, then EOS, given the history; or, for classification, the class's label word, then EOS, given
+the prompt (whose label-word logits `eval.task: classification` then compares).
 """
 
 from __future__ import annotations
 
 from trl import SFTConfig, SFTTrainer
 
-from llmrec.data import next_item_examples
+from llmrec.data import classification_examples, next_item_examples
+from llmrec.eval.classification import label_token_ids
 
 from . import StageContext, StageSpec
 
 
 def build_datasets(context: StageContext):
-    task = context.recipe.data.task
+    """Next-item examples; with `data.classification`, that task's rows instead (train, and valid for evaluation
+    during training), after checking that the label words start with distinct tokens, which scoring needs."""
+    recipe = context.recipe
+    if recipe.data.classification is not None:
+        config = recipe.data.classification
+        label_token_ids(context.tokenizer, config.label_words)
+        columns = ["prompt", "completion"]
+        train = classification_examples(config, "train", recipe.run.seed).select_columns(columns)
+        valid = classification_examples(config, "valid", recipe.run.seed).select_columns(columns) if context.wants_eval else None
+        return train, valid
+    task = recipe.data.task
     train = next_item_examples(context.data, "train", task).select_columns(["prompt", "completion"])
     valid = None
     if context.wants_eval:
@@ -32,6 +45,6 @@ SFT = StageSpec(
     config_class=SFTConfig,
     trainer_class=SFTTrainer,
     build_datasets=build_datasets,
-    description="supervised fine-tuning on next-item prompt-completion pairs",
+    description="supervised fine-tuning on prompt-completion pairs (next-item, or classification)",
     trainer_kwargs=trainer_kwargs,
 )
