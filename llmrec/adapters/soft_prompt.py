@@ -36,32 +36,19 @@ SFTConfig's defaults (`packing=False`, `padding_free=False`) are what these adap
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from llmrec.errors import LLMRecError
-from llmrec.files import read_json, write_json
+from llmrec.files import atomic_save_file, read_json, write_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FROZEN = "language_model."
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sample_vocabulary(embeddings: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:

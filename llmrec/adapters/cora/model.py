@@ -22,17 +22,15 @@ Choices where the paper is silent (see also `CoRAConfig`):
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from llmrec.errors import LLMRecError
-from llmrec.files import read_json, write_json
+from llmrec.files import atomic_save_file, read_json, write_json
 from llmrec.logs import get_logger
 
 from .config import TARGET_PRESETS, CoRAConfig
@@ -60,17 +58,6 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]
             "adapter.args.target_modules",
         )
     return found
-
-
-def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CoRAModel(nn.Module):
@@ -180,7 +167,7 @@ class CoRAModel(nn.Module):
         """adapter_config.json, adapter_model.safetensors (generator, B, gates) and the CF model (safetensors)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_save_file(self.adapter_state_dict(state_dict), folder / WEIGHTS_NAME)
+        atomic_save_file(self.adapter_state_dict(state_dict), folder / WEIGHTS_NAME)
         write_json(folder / CONFIG_NAME, {**self.cora_config.to_dict(),
                                           "base_model_name_or_path": getattr(self.config, "_name_or_path", None)})
         self.cf.save(folder)
@@ -237,7 +224,7 @@ class CoRAModel(nn.Module):
             base_model_name_or_path=getattr(self.config, "_name_or_path", None),
         )
         config.save_pretrained(str(folder))
-        _atomic_save_file(tensors, folder / WEIGHTS_NAME)
+        atomic_save_file(tensors, folder / WEIGHTS_NAME)
         return folder
 
 
