@@ -72,3 +72,19 @@ needs_ml100k = pytest.mark.skipif(
     not (ML100K / "ml-100k.inter").is_file(),
     reason=f"the shared MovieLens-100K files are not at {ML100K} (set LLMREC_ML100K to their folder)",
 )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A small BPE tokenizer for adapter tests (a test module may override it with its own texts)."""
+    from llmrec.models.tiny import train_tokenizer
+
+    return train_tokenizer(["A user liked these items: Golden Jazz River. Will the user like it? Answer: Yes No"] * 20, 300)
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer):
+    """A tiny random Qwen2 model for `tokenizer`, in eval mode; tests that change it work on a copy."""
+    from llmrec.models.tiny import build_tiny_model
+
+    return build_tiny_model("tiny:qwen2-xs", tokenizer, seed=0).eval()

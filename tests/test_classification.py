@@ -18,7 +18,7 @@ from llmrec.data.classification import NEGATIVE, POSITIVE
 from llmrec.errors import LLMRecError
 from llmrec.eval.answers import prompt_answer_logits
 from llmrec.eval.classification import accuracy, label_token_ids, majority_class, predict
-from llmrec.models.tiny import build_tiny_model, train_tokenizer
+from llmrec.models.tiny import train_tokenizer
 
 SENTIMENT = ClassificationTaskConfig(task="sentiment", train_size=60, valid_size=10, test_size=41)
 TOPIC = ClassificationTaskConfig(task="topic", train_size=60, valid_size=10, test_size=41)
@@ -27,11 +27,6 @@ TOPIC = ClassificationTaskConfig(task="topic", train_size=60, valid_size=10, tes
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_tokenizer(classification_tokenizer_texts(SENTIMENT, 0) * 5, 400)
-
-
-@pytest.fixture(scope="module")
-def base(tokenizer):
-    return build_tiny_model("tiny:qwen2-xs", tokenizer, seed=0).eval()
 
 
 # --- data ---------------------------------------------------------------------------------------------------------

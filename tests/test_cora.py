@@ -12,21 +12,10 @@ from transformers import AutoModelForCausalLM
 from llmrec.adapters.cora import CoRAConfig, CoRALinear, CoRAModel
 from llmrec.cf import CFModel
 from llmrec.errors import LLMRecError
-from llmrec.models.tiny import build_tiny_model, train_tokenizer
 
 from conftest import run_cli, small_recipe, write_recipe
 
 USERS, ITEMS = [f"u{k}" for k in range(6)], [f"i{k}" for k in range(9)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(["A user liked these items: Golden Jazz River. Will the user like it? Answer: Yes No"] * 20, 300)
-
-
-@pytest.fixture(scope="module")
-def base(tokenizer):
-    return build_tiny_model("tiny:qwen2-xs", tokenizer, seed=0).eval()
 
 
 def _cf(seed: int = 0) -> CFModel:

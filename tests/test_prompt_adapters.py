@@ -15,21 +15,10 @@ from llmrec.adapters import get_adapter
 from llmrec.adapters.ept import EPT, EPTConfig, EPTModel
 from llmrec.adapters.lamp import LAMP, LAMPConfig, LAMPModel
 from llmrec.errors import LLMRecError
-from llmrec.models.tiny import build_tiny_model, train_tokenizer
 
 TEXTS = ["Golden Jazz River", "Will the user like it? Answer: Yes", "Answer: No"]
 SMALL_EPT = {"num_virtual_tokens": 5, "r": 4, "max_length": 40, "fusion_dim": 4, "num_spaces": 3, "projection_rank": 2}
 SMALL_LAMP = {"num_virtual_tokens": 8, "r": 3, "pool_size": 2}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(["A user liked these items: Golden Jazz River. Will the user like it? Answer: Yes No"] * 20, 300)
-
-
-@pytest.fixture(scope="module")
-def base(tokenizer):
-    return build_tiny_model("tiny:qwen2-xs", tokenizer, seed=0).eval()
 
 
 def _ept(base, **args) -> EPTModel:

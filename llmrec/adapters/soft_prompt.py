@@ -18,9 +18,9 @@ This module does the rest, the same way for both methods:
 * `generate()` runs the base model's `generate` on [prompt ; E(x)] embeddings together with the caller's
   `input_ids`, so the returned sequences, `prompt_length` slicing and logits processors see the caller's tokens as
   with any model; `_generation_hooks` lets EPT embed each generated token with its offset.
-* The state dict of the wrapper holds the adapter's parameters only (a state-dict hook drops the frozen base), so
-  transformers' `Trainer` writes small checkpoints (`model.safetensors`) and restores them on resume without
-  touching the base weights.
+* The state dict of the wrapper holds the adapter's parameters only (`FrozenModelWrapper`), so transformers'
+  `Trainer` writes small checkpoints (`model.safetensors`) and restores them on resume without touching the base
+  weights.
 * `parameter_groups(lr)` / `optimizer_cls_and_kwargs(args)`: the optimizer groups with each group's learning rate
   (DePT trains the prompt and the low-rank factors at different rates). Pass the second to any transformers/TRL
   trainer: `SFTTrainer(model, args, ..., optimizer_cls_and_kwargs=model.optimizer_cls_and_kwargs(args))`; the
@@ -35,6 +35,7 @@ SFTConfig's defaults (`packing=False`, `padding_free=False`) are what these adap
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from dataclasses import fields
 from pathlib import Path
@@ -45,6 +46,8 @@ from torch import nn
 
 from llmrec.errors import LLMRecError
 from llmrec.files import atomic_save_file, read_json, write_json
+
+from .wrapper import FrozenModelWrapper
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,22 +64,11 @@ def sample_vocabulary(embeddings: torch.Tensor, count: int, generator: torch.Gen
     return embeddings.detach()[ids.to(embeddings.device)].float().cpu()
 
 
-def _drop_frozen_weights(module, state_dict, prefix, local_metadata) -> None:
-    for key in [key for key in state_dict if key.startswith(prefix + FROZEN)]:
-        del state_dict[key]
-
-
-def _ignore_missing_frozen_weights(module, incompatible_keys) -> None:
-    # the saved state never holds the frozen base, so its weights are never "missing" from it
-    frozen = tuple(FROZEN + name for name, _ in module.language_model.state_dict(keep_vars=True).items())
-    incompatible_keys.missing_keys[:] = [key for key in incompatible_keys.missing_keys if not key.endswith(frozen)]
-
-
 def _is_packed(position_ids: torch.Tensor) -> bool:
     return bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
 
 
-class SoftPromptModel(nn.Module):
+class SoftPromptModel(FrozenModelWrapper, abc.ABC):
     """A frozen causal LM with a trainable prompt prepended to every input."""
 
     adapter_type = ""
@@ -88,19 +80,17 @@ class SoftPromptModel(nn.Module):
         self.prompt_config = config
         for parameter in language_model.parameters():
             parameter.requires_grad_(False)
-        self.register_state_dict_post_hook(_drop_frozen_weights)
-        self.register_load_state_dict_post_hook(_ignore_missing_frozen_weights)
 
     # --- what a subclass provides ----------------------------------------------------------------------------------
 
     @property
+    @abc.abstractmethod
     def num_virtual_tokens(self) -> int:
         """Length of the prompt the frozen model sees."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def prompt(self) -> torch.Tensor:
         """The prompt, (num_virtual_tokens, d) in float32."""
-        raise NotImplementedError
 
     def embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, positions: torch.Tensor):
         """Embeddings of the caller's tokens; `positions` index the tokens of each sequence from 0."""
@@ -128,20 +118,8 @@ class SoftPromptModel(nn.Module):
     # --- what transformers' Trainer, TRL and llmrec's evaluators look for on a model -----------------------------
 
     @property
-    def config(self):
-        return self.language_model.config
-
-    @property
     def generation_config(self):
         return self.language_model.generation_config
-
-    @property
-    def device(self) -> torch.device:
-        return self.language_model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.dtype
 
     @property
     def base_model(self):
@@ -156,9 +134,6 @@ class SoftPromptModel(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters() if not name.startswith(FROZEN)]
-
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
 
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()

@@ -35,10 +35,6 @@ class CTRConfig(TrainingArguments):
     )
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
 class CTRTrainer(Trainer):
     def __init__(self, model, args: CTRConfig, train_dataset=None, eval_dataset=None, processing_class=None,
                  answers: tuple[str, str] = (" Yes", " No"), **kwargs):
@@ -65,20 +61,6 @@ class CTRTrainer(Trainer):
         with torch.no_grad():
             loss, logits = self.compute_loss(model, inputs, return_outputs=True)
         return loss.detach(), logits.detach(), inputs["labels"]
-
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        model = _unwrap(self.accelerator.unwrap_model(self.model))
-        if not hasattr(model, "cf_index"):
-            return super()._save(output_dir, state_dict)
-        output_dir = output_dir or self.args.output_dir
-        model.save_pretrained(output_dir, state_dict)  # the generator, B, gates and CF tables; never the frozen LLM
-        self.processing_class.save_pretrained(output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        inner = _unwrap(self.accelerator.unwrap_model(model or self.model))
-        if not hasattr(inner, "cf_index"):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        inner.load_adapter_weights(resume_from_checkpoint)
 
 
 def _auc_metric(prediction) -> dict[str, float]:

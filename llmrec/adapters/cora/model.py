@@ -33,6 +33,7 @@ from llmrec.errors import LLMRecError
 from llmrec.files import atomic_save_file, read_json, write_json
 from llmrec.logs import get_logger
 
+from ..wrapper import FrozenModelWrapper
 from .config import TARGET_PRESETS, CoRAConfig
 from .layer import CoRALinear, QueryGenerator
 
@@ -60,8 +61,10 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]
     return found
 
 
-class CoRAModel(nn.Module):
+class CoRAModel(FrozenModelWrapper):
     """The base model with CoRA layers; `forward` takes `cf_users` (and `cf_items`) as CF row indices."""
+
+    frozen_attribute = "base_model"
 
     def __init__(self, base_model: nn.Module, config: CoRAConfig, cf):
         super().__init__()
@@ -93,23 +96,6 @@ class CoRAModel(nn.Module):
         table = table.float()
         fallback = table.mean(0, keepdim=True) if self.cora_config.cold_start == "mean" else torch.zeros_like(table[:1])
         return torch.cat([table, fallback]).to(self.base_model.get_input_embeddings().weight.device)
-
-    # --- what transformers' Trainer and llmrec's evaluators look for on a model ---------------------------------
-
-    @property
-    def config(self):
-        return self.base_model.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.base_model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base_model.dtype
-
-    def get_input_embeddings(self):
-        return self.base_model.get_input_embeddings()
 
     # --- conditioning --------------------------------------------------------------------------------------------
 
