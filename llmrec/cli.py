@@ -141,6 +141,9 @@ def _data_stats(args: argparse.Namespace) -> None:
     if recipe.data.classification is not None:  # its rows do not come from the interactions
         _classification_stats(recipe)
         return
+    if recipe.data.reasoning is not None:
+        _reasoning_stats(recipe)
+        return
     data = load_data(recipe.data, recipe.run.seed)
     for key, value in data.stats().items():
         print(f"{key:>20}: {value}")
@@ -170,6 +173,23 @@ def _classification_stats(recipe) -> None:
               + ", ".join(f"{counts[k]} {word.strip()!r}" for k, word in enumerate(config.label_words)) + ")")
     train = classification_examples(config, "train", recipe.run.seed)
     print("\nexample prompt:\n" + train[0]["prompt"] + "\nexample completion:\n" + train[0]["completion"])
+
+
+def _reasoning_stats(recipe) -> None:
+    from collections import Counter
+
+    from llmrec.data import reasoning_examples
+
+    config = recipe.data.reasoning
+    print(f"{'source':>20}: {config.source}")
+    for split in ("train", "valid", "test"):
+        rows = reasoning_examples(config, split, recipe.run.seed)
+        levels = Counter(rows["level"])
+        print(f"{split + ' problems':>20}: {len(rows)}" + (" (levels " + ", ".join(f"{k}: {levels[k]}" for k in sorted(levels)) + ")"
+                                                             if len(rows) else ""))
+    rows = reasoning_examples(config, "train", recipe.run.seed)
+    rows = rows if len(rows) else reasoning_examples(config, "test", recipe.run.seed)
+    print("\nexample prompt:\n" + rows[0]["prompt"] + "\nexample completion:\n" + rows[0]["completion"])
 
 
 def _eval(args: argparse.Namespace) -> None:

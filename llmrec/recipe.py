@@ -516,6 +516,14 @@ def _instantiate(recipe: Recipe, places: _Places) -> None:
     elif recipe.data.classification is not None:
         needs.append((("eval", "task"), "with data.classification, trainer sft trains on classification rows; evaluate "
                       "them with eval.task: classification (or remove data.classification)."))
+    if recipe.eval.task == "reasoning" and recipe.data.reasoning is None:
+        needs.append((("eval", "task"), "the reasoning evaluation needs a data.reasoning section (the problems and "
+                      "their prompt template)."))
+    elif recipe.eval.task != "reasoning" and recipe.data.reasoning is not None:
+        needs.append((("eval", "task"), "with data.reasoning, the stages train on reasoning problems; evaluate them "
+                      "with eval.task: reasoning (or remove data.reasoning)."))
+    if recipe.data.reasoning is not None and recipe.data.classification is not None:
+        needs.append((("data", "reasoning"), "a recipe has one text task: data.reasoning or data.classification, not both."))
     if needs:
         first = {where: message for where, message in reversed(needs)}  # one message per place
         raise LLMRecError("\n".join(f"{places(where)}: {message}" for where, message in reversed(first.items())))

@@ -140,7 +140,7 @@ def _callbacks():
 
 def _tokenizer_texts(recipe: Recipe, data: RecData):
     """What a tiny model's tokenizer is trained on: the titles, the prompt templates (repeated so their words
-    become whole tokens) and, with a classification task, its training rows (prompt and label word)."""
+    become whole tokens) and, with a classification or reasoning task, its rows."""
     task = recipe.data.task
     fixed = [task.prompt_template.replace("{history}", task.history_separator.join(["{title}"] * 2))]
     if recipe.data.ctr is not None:
@@ -154,6 +154,10 @@ def _tokenizer_texts(recipe: Recipe, data: RecData):
             from llmrec.data import classification_tokenizer_texts
 
             rows = classification_tokenizer_texts(recipe.data.classification, recipe.run.seed)
+        if recipe.data.reasoning is not None:
+            from llmrec.data import reasoning_tokenizer_texts
+
+            rows = reasoning_tokenizer_texts(recipe.data.reasoning, recipe.run.seed)
         return [*data.titles.values(), *(fixed * 200), *rows]
 
     return texts
@@ -295,6 +299,10 @@ def evaluate_split(model, tokenizer, data: RecData, recipe: Recipe, split: str) 
         from llmrec.eval.classification import evaluate_classification
 
         return evaluate_classification(model, tokenizer, recipe, split)
+    if recipe.eval.task == "reasoning":
+        from llmrec.eval.reasoning import evaluate_reasoning
+
+        return evaluate_reasoning(model, tokenizer, recipe, split)
     from llmrec.eval.ranking import evaluate_ranking
 
     return evaluate_ranking(model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split, recipe.data.shifts)
@@ -419,6 +427,9 @@ def print_summary(metrics: dict, recipe: Recipe, splits: list[str] | None = None
     if recipe.eval.task == "classification":
         _print_classification_summary(metrics, splits or recipe.eval.splits, recipe)
         return
+    if recipe.eval.task == "reasoning":
+        _print_reasoning_summary(metrics, splits or recipe.eval.splits, recipe)
+        return
     for split in splits or recipe.eval.splits:
         names = [("model", f"{split}/")] + [(name, baseline_prefix(name, split)) for name in recipe.eval.baselines]
         columns = [f"{m}@{k}" for k in sorted(recipe.eval.ks) for m in ("hr", "ndcg")]
@@ -460,6 +471,17 @@ def _print_classification_summary(metrics: dict, splits: list[str], recipe: Reci
         print(f"{'':<12}{'accuracy':>10}")
         for name, prefix in (("model", f"{split}/"), ("majority", baseline_prefix("majority", split))):
             print(f"{name:<12}{metrics.get(prefix + 'accuracy', float('nan')):>10.4f}")
+
+
+def _print_reasoning_summary(metrics: dict, splits: list[str], recipe: Recipe) -> None:
+    columns = ("mean_accuracy", "majority_accuracy", "pass_accuracy", "answered", "completion_tokens")
+    for split in splits:
+        if f"{split}/mean_accuracy" not in metrics:
+            continue
+        print(f"\n{split} {recipe.data.reasoning.source}: {metrics[f'{split}/questions']} questions, "
+              f"{metrics[f'{split}/samples']} samples each at temperature {recipe.eval.temperature}:")
+        print("".join(f"{c.removesuffix('_accuracy'):>12}" for c in columns))
+        print("".join(f"{metrics[f'{split}/{c}']:>12.4f}" for c in columns))
 
 
 def load_trained(run_dir: str | Path):

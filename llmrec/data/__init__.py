@@ -1,6 +1,7 @@
 """Recommendation data: loaders and synthetic worlds -> checks -> filters -> OOD hold-out -> per-user split -> `RecData`,
 and the task builders that turn `RecData` into training rows (next-item, preference, CTR). Text classification
-(`data.classification`) builds its rows without `RecData`: synthetic tasks generated offline, or GLUE."""
+(`data.classification`) and reasoning problems (`data.reasoning`) build their rows without `RecData`: synthetic tasks
+generated offline, or Hub datasets."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .ctr import CTRTaskConfig, ctr_examples, ctr_tokenizer_texts
 from .filters import FilterConfig, apply_filters
 from .loaders import AmazonSource, MovieLens1MSource, MovieLens100KSource, RecBoleSource, TableSource
 from .preferences import PreferenceDataConfig, pairwise_rows, preference_examples
+from .reasoning import ReasoningTaskConfig, reasoning_examples, reasoning_tokenizer_texts
 from .recdata import RawData, RecData
 from .shifts import OOD_SPLITS, ShiftConfig, hold_out, ood_split, popularity_shift_sample
 from .splits import SplitConfig, split_interactions
@@ -37,6 +39,12 @@ class DataConfig(Section):
     shifts: list[ShiftConfig] = Field(default_factory=list, description="Out-of-distribution test sets to add.")
     task: NextItemTaskConfig = Field(default_factory=NextItemTaskConfig)
     ctr: CTRTaskConfig | None = Field(None, description="The Yes/No like-prediction task (CTR); needs ratings.")
+    reasoning: ReasoningTaskConfig | None = Field(
+        None,
+        description="Problems with final answers (arithmetic world, GSM8K, MATH-500, AIME): `trainer: sft` trains on "
+        "their worked solutions, test-time RL (`trainer: echo`) on the test questions without their answers, and "
+        "`eval.task: reasoning` samples solutions. The interactions are loaded but not used.",
+    )
     classification: ClassificationTaskConfig | None = Field(
         None,
         description="A text-classification task (label-word scoring): `trainer: sft` trains on its rows instead of "
@@ -69,6 +77,7 @@ __all__ = [
     "OOD_SPLITS",
     "PreferenceDataConfig",
     "RawData",
+    "ReasoningTaskConfig",
     "RecData",
     "ShiftConfig",
     "SplitConfig",
@@ -78,6 +87,8 @@ __all__ = [
     "ctr_examples",
     "ctr_tokenizer_texts",
     "load_data",
+    "reasoning_examples",
+    "reasoning_tokenizer_texts",
     "next_item_examples",
     "ood_split",
     "pairwise_rows",

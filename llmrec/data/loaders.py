@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -35,9 +36,8 @@ def _open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
     return open(path, encoding=encoding)
 
 
-def read_jsonl(path: Path) -> pd.DataFrame:
-    """Read JSON Lines; a malformed line is reported with its line number."""
-    records = []
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file; a malformed line is reported by number."""
     with _open_text(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -48,8 +48,12 @@ def read_jsonl(path: Path) -> pd.DataFrame:
                 raise LLMRecError(f"not valid JSON ({err.msg} at column {err.colno}).", f"{path}:{number}") from None
             if not isinstance(record, dict):
                 raise LLMRecError(f"expected a JSON object, found {type(record).__name__}.", f"{path}:{number}")
-            records.append(record)
-    return pd.DataFrame.from_records(records)
+            yield number, record
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    """Read JSON Lines; a malformed line is reported with its line number."""
+    return pd.DataFrame.from_records([record for _, record in iter_jsonl(path)])
 
 
 def read_table(path: Path) -> pd.DataFrame:

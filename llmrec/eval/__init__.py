@@ -14,10 +14,11 @@ from llmrec.schema import Section
 class EvalConfig(Section):
     """`eval`: how the trained model is evaluated at the end of a run (and by `llmrec eval`)."""
 
-    task: Literal["ranking", "ctr", "classification"] = Field(
+    task: Literal["ranking", "ctr", "classification", "reasoning"] = Field(
         "ranking",
         description="'ranking': next-item ranking over the catalog; 'ctr': Yes/No like prediction (needs data.ctr); "
-        "'classification': accuracy by label-word scoring (needs data.classification; splits test and valid).",
+        "'classification': accuracy by label-word scoring (needs data.classification; splits test and valid); "
+        "'reasoning': mean and majority-vote accuracy of sampled solutions (needs data.reasoning).",
     )
     splits: list[Literal["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"]] = Field(
         default_factory=lambda: ["test"], min_length=1, description="Which targets to rank (ood_<kind> needs that shift)."
@@ -28,6 +29,9 @@ class EvalConfig(Section):
     max_targets: int | None = Field(None, ge=1, description="Rank a seeded sample of this many targets (None: all).")
     exclude_history: bool = Field(True, description="Never recommend items the user already interacted with.")
     baselines: list[Literal["popularity", "random"]] = Field(default_factory=lambda: ["popularity", "random"])
+    samples: int = Field(16, ge=1, description="reasoning: solutions sampled per question (mean@n, maj@n, pass@n).")
+    temperature: float = Field(0.8, gt=0, description="reasoning: sampling temperature of those solutions.")
+    max_new_tokens: int = Field(64, ge=1, description="reasoning: longest solution sampled.")
     valid_item_samples: int = Field(
         100, ge=0, description="Targets used to measure the valid-item ratio of unconstrained generation (0: skip)."
     )

@@ -1,4 +1,4 @@
-"""curves.png: training (and validation) loss per stage, and the ranking (CTR, classification) metrics against the
+"""curves.png: training (and validation) loss per stage, and the ranking (CTR, classification, reasoning) metrics against the
 baselines."""
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> 
     if histories:
         loss_axis.legend()
     for axis, split in zip(metric_axes, splits):
-        bars = _ctr_bars if f"{split}/auc" in metrics else _accuracy_bars if f"{split}/accuracy" in metrics else _ranking_bars
+        if f"{split}/auc" in metrics:
+            bars = _ctr_bars
+        elif f"{split}/accuracy" in metrics:
+            bars = _accuracy_bars
+        elif f"{split}/mean_accuracy" in metrics:
+            bars = _reasoning_bars
+        else:
+            bars = _ranking_bars
         bars(axis, metrics, split)
     figure.tight_layout()
 
@@ -75,6 +82,13 @@ def _accuracy_bars(axis, metrics: dict, split: str) -> None:
     systems = _systems(metrics, split, "accuracy")
     axis.bar(list(systems), [metrics.get(f"{prefix}accuracy", 0.0) for prefix in systems.values()])
     axis.set(title=f"Classification ({split})", ylabel="accuracy", ylim=(0, 1))
+
+
+def _reasoning_bars(axis, metrics: dict, split: str) -> None:
+    n = metrics.get(f"{split}/samples", "n")
+    names = {"mean_accuracy": f"mean@{n}", "majority_accuracy": f"maj@{n}", "pass_accuracy": f"pass@{n}"}
+    axis.bar(list(names.values()), [metrics.get(f"{split}/{key}", 0.0) for key in names])
+    axis.set(title=f"Reasoning accuracy ({split})", ylabel="accuracy", ylim=(0, 1))
 
 
 def _ranking_bars(axis, metrics: dict, split: str) -> None:

@@ -38,6 +38,7 @@ class ModelConfig(Section):
         "bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype: bfloat16} for QLoRA; needs llmrec[qlora] and a GPU.",
     )
     tokenizer_vocab_size: int = Field(1024, ge=300, description="tiny only: BPE vocabulary size.")
+    tokenizer_split_digits: bool = Field(False, description="tiny only: one token per digit (for arithmetic).")
     tiny_overrides: dict[str, Any] = Field(
         default_factory=dict, description="tiny only: config fields to change, e.g. {hidden_size: 96}."
     )
@@ -71,7 +72,7 @@ def load_base(
             if not main_process:
                 raise RuntimeError(f"{base_dir} should have been written by the main process first")
             logger.info(f"Building {config.name} and training its tokenizer (vocabulary {config.tokenizer_vocab_size}).")
-            tokenizer = train_tokenizer(texts(), config.tokenizer_vocab_size)
+            tokenizer = train_tokenizer(texts(), config.tokenizer_vocab_size, config.tokenizer_split_digits)
             model = build_tiny_model(config.name, tokenizer, seed, config.tiny_overrides)
             with atomic_dir(base_dir) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)

@@ -98,6 +98,20 @@ def _classification_results(metrics: dict, recipe: Recipe) -> str:
     return "\n".join(sections)
 
 
+def _reasoning_results(metrics: dict, recipe: Recipe) -> str:
+    sections = []
+    for split, name in SPLIT_NAMES.items():
+        if f"{split}/mean_accuracy" not in metrics:
+            continue
+        n = metrics[f"{split}/samples"]
+        rows = [f"| mean@{n} | maj@{n} | pass@{n} | answered | tokens per solution |", "|---|---|---|---|---|",
+                "| " + " | ".join(f"{metrics[f'{split}/{k}']:.4f}" for k in
+                                 ("mean_accuracy", "majority_accuracy", "pass_accuracy", "answered", "completion_tokens")) + " |"]
+        sections.append(f"## Results: {name} ({metrics[f'{split}/questions']} questions, {n} samples each at "
+                        f"temperature {recipe.eval.temperature})\n\n" + "\n".join(rows) + "\n")
+    return "\n".join(sections)
+
+
 def _shift(recipe: Recipe) -> str:
     details = {
         "popularity": lambda s: f"test targets re-drawn with weight popularity^-{s.power}",
@@ -117,10 +131,21 @@ and a candidate item's title and answers Yes or No; the score is the softmax of 
     "classification": """A text classifier trained with [llmrec](https://github.com/llmrec/llmrec): the model reads a prompt holding the
 text and writes the class's label word; the predicted class is the label word whose first token has the highest
 logit after the prompt.""",
+    "reasoning": """A problem solver trained with [llmrec](https://github.com/llmrec/llmrec): the model writes a worked solution that ends
+in its final answer; accuracy compares the extracted answers of sampled solutions with the true ones.""",
 }
 
 
 def _notes(recipe: Recipe, path: Path) -> str:
+    if recipe.eval.task == "reasoning":
+        return f"""mean@n is the share of correct samples, maj@n the accuracy of the majority answer, pass@n the share of
+questions with at least one correct sample.
+
+## Use
+
+```bash
+llmrec eval {path.parent}
+```"""
     if recipe.eval.task == "classification":
         return f"""The majority-class baseline always answers the most frequent class of the training rows.
 
@@ -155,6 +180,10 @@ llmrec eval {path.parent}
 def _data_line(recipe: Recipe, data: RecData) -> str:
     if recipe.data.classification is not None:
         return f"- **Data:** {describe_classification(recipe.data.classification)}."
+    if recipe.data.reasoning is not None:
+        config = recipe.data.reasoning
+        return (f"- **Data:** {config.source} problems ({config.train_size} train, {config.test_size} test"
+                f"{f', levels {config.levels}' if config.source == 'arithmetic' else ''}).")
     stats = data.stats()
     return f"""- **Data:** {stats['name']} — {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions;
   split {describe_split(recipe.data.split)}{_shift(recipe)}; prompts show the last {recipe.data.task.history_length} items."""
@@ -163,7 +192,12 @@ def _data_line(recipe: Recipe, data: RecData) -> str:
 def _results_of(metrics: dict, recipe: Recipe) -> str:
     if recipe.eval.task == "classification":
         return _classification_results(metrics, recipe)
+    if recipe.eval.task == "reasoning":
+        return _reasoning_results(metrics, recipe)
     return _results(metrics, recipe) if recipe.eval.task == "ranking" else _ctr_results(metrics)
+
+
+_TAGS = {"classification": "text-classification", "reasoning": "reasoning"}
 
 
 def write_card(path: Path, recipe: Recipe, data: RecData, metrics: dict) -> None:
@@ -173,7 +207,7 @@ def write_card(path: Path, recipe: Recipe, data: RecData, metrics: dict) -> None
     text = f"""---
 library_name: llmrec
 base_model: {recipe.model.name}
-tags: [llmrec, {"text-classification" if recipe.eval.task == "classification" else "recommendation"}, {recipe.adapter.method}]
+tags: [llmrec, {_TAGS.get(recipe.eval.task, "recommendation")}, {recipe.adapter.method}]
 ---
 
 # {recipe.run.name}

@@ -25,6 +25,7 @@ TRAINERS: dict[str, str] = {
     "softmax_dpo": "llmrec.trainers.softmax_dpo:SOFTMAX_DPO",
     "causal_dpo": "llmrec.trainers.causal_dpo:CAUSAL_DPO",
     "ctr": "llmrec.trainers.ctr:CTR",
+    "echo": "llmrec.trainers.echo:ECHO",
 }
 
 

@@ -1,5 +1,6 @@
-"""SFT: TRL's `SFTTrainer` unchanged, trained on next-item prompt–completion examples (BIGRec-style), or on the
-rows of a text-classification task when the recipe sets `data.classification`.
+"""SFT: TRL's `SFTTrainer` unchanged, trained on next-item prompt–completion examples (BIGRec-style), on the
+rows of a text-classification task when the recipe sets `data.classification`, or on worked solutions of the
+training problems when it sets `data.reasoning`.
 
 The loss covers the completion only (TRL's default for prompt–completion data): the model learns to write the
 next item's title, then EOS, given the history; or, for classification, the class's label word, then EOS, given
@@ -20,6 +21,13 @@ def build_datasets(context: StageContext):
     """Next-item examples; with `data.classification`, that task's rows instead (train, and valid for evaluation
     during training), after checking that the label words start with distinct tokens, which scoring needs."""
     recipe = context.recipe
+    if recipe.data.reasoning is not None:
+        from llmrec.data import reasoning_examples
+
+        columns = ["prompt", "completion"]
+        train = reasoning_examples(recipe.data.reasoning, "train", recipe.run.seed).select_columns(columns)
+        valid = reasoning_examples(recipe.data.reasoning, "valid", recipe.run.seed).select_columns(columns) if context.wants_eval else None
+        return train, valid
     if recipe.data.classification is not None:
         config = recipe.data.classification
         label_token_ids(context.tokenizer, config.label_words)

@@ -1,0 +1,305 @@
+"""ECHO: test-time reinforcement learning (TTRL) with entropy–confidence tree rollouts, on TRL's `GRPOTrainer`.
+
+The stage trains on the test questions without their answers. For each question the rollout backend
+(`llmrec.rollout`: transformers with a shared KV cache, or vLLM continuation requests) grows `num_votes` leaves, as
+an entropy–confidence tree or as a flat sample; the majority answer of all votes is the pseudo-label (one vote per
+leaf, or with `vote_weighting: path` votes weighted by the probability of the tokens the leaf's forks took, our
+addition: a fork's forced second-choice tokens otherwise outvote the model's own answer), and
+`num_generations` of the leaves (a seeded random subset when there are more votes) are trained with reward 1 when
+their answer equals it, else 0 (TTRL). Labels, when the dataset has an `answer` column, are only compared with the
+pseudo-label for the `ttrl/label_agreement` metric.
+
+On top of GRPO (advantage A_i = (r_i - mean) / (std + eps) per group, token-mean loss), each part is a switch:
+
+* `tree_rollouts`: fork at high-entropy, low-confidence tokens (`llmrec.rollout.tree`; `tree` holds its settings).
+  Off: `num_votes` independent samples per question.
+* `online_pruning`: stop hopeless branches while decoding; their budget goes to later forks or fills.
+* `hybrid_advantage`: A_{i,t} = A_i (1 + a S_{i,t}), S = clip(alpha z(H) + beta z(1 - C), -s_max, s_max), z whitening
+  over every valid completion token of the batch on all processes; H and C are the rollout's token signals.
+* `adaptive_clip`: a per-sequence symmetric clip radius eps(o) = eps_min + (eps_max - eps_min) sigmoid(kappa
+  (c0 - C_tail(o))), C_tail the mean confidence of the last `clip_tail_tokens` tokens. With llmrec's confidence
+  (-mean log p of the top-k tokens, >= log k; see `llmrec.rollout.tree`) the paper's centre c0 = 1 keeps eps close
+  to eps_min, hence `clip_confidence_center`. Clipping only acts when a batch is reused (`num_iterations` > 1 or
+  more generation steps than accumulation steps); otherwise the ratio is exactly 1.
+
+KL to the reference is GRPO's `beta` (ECHO's authors: 0.001). With every part off, rollouts flat and votes equal to
+generations, the loss is TRL's GRPO loss on the same batch (tested).
+
+Groups: GRPO may place one question's generations on several processes; the rollout gathers the prompts, each
+process grows the trees of every P-th question, and the results are gathered back, so a question's votes always
+come from one tree and every process trains its own slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from llmrec.errors import LLMRecError
+from llmrec.eval.reasoning import extract_answer, majority_vote
+from llmrec.logs import get_logger
+from llmrec.rollout import HFRollout, SamplingConfig, TreeConfig, VLLMRollout
+
+from . import StageContext, StageSpec
+
+logger = get_logger(__name__)
+
+TREE_FIELDS = {f.name for f in dataclasses.fields(TreeConfig)} - {"branching", "pruning"}
+
+
+@dataclass
+class ECHOConfig(GRPOConfig):
+    """GRPO's config plus test-time RL voting, tree rollouts and ECHO's policy-update terms."""
+
+    # > Test-time RL
+    num_votes: int | None = field(
+        default=None,
+        metadata={"help": "Leaves per question that vote for the pseudo-label (>= num_generations; None: equal)."},
+    )
+    vote_weighting: str = field(
+        default="uniform",
+        metadata={"help": "'uniform': one vote per leaf (TTRL, the paper); 'path': a tree leaf votes in proportion to "
+                  "the probability of the tokens its forks took (see llmrec.rollout.types.completions_of)."},
+    )
+    # > Rollouts
+    tree_rollouts: bool = field(default=True, metadata={"help": "Grow entropy–confidence trees (off: flat sampling)."})
+    online_pruning: bool = field(default=True, metadata={"help": "Stop hopeless branches while decoding."})
+    tree: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Tree settings (fields of llmrec.rollout.TreeConfig other than branching and pruning)."},
+    )
+    vllm_chunk_tokens: int = field(default=32, metadata={"help": "vLLM backend: tokens per continuation request."})
+    # > Hybrid token-level advantage
+    hybrid_advantage: bool = field(default=True, metadata={"help": "A_i (1 + a S_{i,t}) instead of A_i."})
+    hybrid_scale: float = field(default=0.1, metadata={"help": "a: weight of the exploration score."})
+    exploration_entropy_weight: float = field(default=1.0, metadata={"help": "alpha: weight of z(H)."})
+    exploration_confidence_weight: float = field(default=1.0, metadata={"help": "beta: weight of z(1 - C)."})
+    exploration_clip: float = field(default=2.0, metadata={"help": "s_max: the exploration score is clipped to ±s_max."})
+    # > Confidence-adaptive clipping
+    adaptive_clip: bool = field(default=True, metadata={"help": "Per-sequence clip radius from the tail confidence."})
+    epsilon_min: float = field(default=0.05, metadata={"help": "eps_min of the adaptive clip radius."})
+    epsilon_max: float = field(default=0.2, metadata={"help": "eps_max of the adaptive clip radius."})
+    clip_sharpness: float = field(default=4.0, metadata={"help": "kappa of the adaptive clip radius."})
+    clip_confidence_center: float = field(default=1.0, metadata={"help": "c0: the radius is half-way at C_tail = c0."})
+    clip_tail_tokens: int = field(default=16, metadata={"help": "C_tail averages the last this many tokens."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_votes is None:
+            self.num_votes = self.num_generations
+        if self.num_votes < self.num_generations:
+            raise ValueError(f"num_votes ({self.num_votes}) must be >= num_generations ({self.num_generations}): "
+                             "TTRL votes with at least as many samples as it trains on.")
+        if self.vote_weighting not in ("uniform", "path"):
+            raise ValueError(f"vote_weighting must be 'uniform' or 'path', got {self.vote_weighting!r}.")
+        unknown = set(self.tree) - TREE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown tree settings {sorted(unknown)}; the settings are {sorted(TREE_FIELDS)}.")
+        self.tree_config()  # validates the values
+        if not 0 <= self.epsilon_min <= self.epsilon_max:
+            raise ValueError(f"need 0 <= epsilon_min ({self.epsilon_min}) <= epsilon_max ({self.epsilon_max}).")
+        if self.clip_tail_tokens < 1:
+            raise ValueError("clip_tail_tokens must be >= 1.")
+
+    def tree_config(self) -> TreeConfig:
+        return TreeConfig(branching=self.tree_rollouts, pruning=self.online_pruning, **self.tree)
+
+
+def majority_vote_reward(completions, pseudo_label, **kwargs) -> list[float]:
+    """TTRL's reward: 1 when the completion's answer is the group's majority answer, else 0 (labels unused)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [float(label is not None and extract_answer(t) == label) for t, label in zip(texts, pseudo_label)]
+
+
+def _rollout(prompts: list, trainer: ECHOTrainer) -> dict:
+    return trainer.tree_rollout(prompts)
+
+
+class ECHOTrainer(GRPOTrainer):
+    _tag_names = ["trl", "grpo", "echo", "llmrec"]
+
+    def __init__(self, model, reward_funcs=None, args: ECHOConfig | None = None, **kwargs):
+        if args is None or not isinstance(args, ECHOConfig):
+            raise LLMRecError("ECHOTrainer needs an ECHOConfig.")
+        super().__init__(model, reward_funcs or [majority_vote_reward], args, rollout_func=_rollout, **kwargs)
+        self._signals: list[tuple[list[float], list[float]]] = []
+        self._labels: list[str | None] | None = None
+
+    # --- rollouts -------------------------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        self._labels = [row.get("answer") for row in inputs]
+        output = super()._generate_and_score_completions(inputs)
+        completion_mask = output["completion_mask"]
+        entropy = _pad([s[0] for s in self._signals], completion_mask)
+        confidence = _pad([s[1] for s in self._signals], completion_mask)
+        args, mode = self.args, "train" if self.model.training else "eval"
+        if args.hybrid_advantage:
+            output["advantages"] = hybrid_advantages(
+                output["advantages"], entropy, confidence, completion_mask, args, self.accelerator.reduce)
+        if args.adaptive_clip:
+            output["clip_epsilon"] = adaptive_clip_radius(confidence, completion_mask, args)
+            self._metrics[mode]["echo/clip_radius"].append(
+                self.accelerator.gather(output["clip_epsilon"]).mean().item())
+        return output
+
+    def tree_rollout(self, prompts: list) -> dict:
+        """TRL's `rollout_func`: one tree of `num_votes` leaves per question (a group of identical prompts)."""
+        from accelerate.utils import gather_object
+        from trl.models import unwrap_model_for_generation
+
+        args, process = self.args, self.accelerator
+        mode = "train" if self.model.training else "eval"
+        group = self.num_generations if mode == "train" else self.num_generations_eval
+        everyone = gather_object(list(zip(prompts, self._labels or [None] * len(prompts))))
+        if len(everyone) % group:
+            raise LLMRecError(f"the generation batch ({len(everyone)} prompts) is not a whole number of groups of {group}.")
+        questions = everyone[::group]
+        mine = list(range(process.process_index, len(questions), process.num_processes))
+        prompt_ids, _, _ = self._tokenize_prompts([questions[q][0] for q in mine]) if mine else ([], None, None)
+        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_completion_length)
+        seed = args.seed * 1_000_003 + self.state.global_step * 7919 + process.process_index
+        if mine:
+            if self.use_vllm:
+                engine = self.vllm_generation.llm if args.vllm_mode == "colocate" else self.vllm_generation.vllm_client
+                backend = VLLMRollout(engine, self.eos_token_ids, args.vllm_chunk_tokens)
+                rollouts = backend.generate(prompt_ids, args.num_votes, args.tree_config(), sampling, seed)
+            else:
+                with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                                 gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped:
+                    training = unwrapped.training
+                    unwrapped.eval()
+                    try:
+                        backend = HFRollout(unwrapped, self.eos_token_ids, self._tokenizer.pad_token_id)
+                        rollouts = backend.generate(prompt_ids, args.num_votes, args.tree_config(), sampling, seed)
+                    finally:
+                        unwrapped.train(training)
+        else:
+            rollouts = []
+        rng = torch.Generator().manual_seed(seed)
+        records = []
+        for q, ids, rollout in zip(mine, prompt_ids, rollouts):
+            texts = self.processing_class.batch_decode([c.token_ids for c in rollout.completions], skip_special_tokens=True)
+            weights = [c.vote_weight for c in rollout.completions] if args.vote_weighting == "path" else None
+            label, votes = majority_vote([extract_answer(t) for t in texts], weights)
+            keep = (sorted(torch.randperm(len(rollout.completions), generator=rng)[:group].tolist())
+                    if args.num_votes > group else range(group))
+            records.append((q, [(ids, rollout.completions[i], label) for i in keep], {
+                "votes": votes / (sum(weights) if weights else args.num_votes),
+                "agreement": None if questions[q][1] is None else float(label == questions[q][1]),
+                **dataclasses.asdict(rollout.stats),
+            }))
+        records = sorted(gather_object(records), key=lambda r: r[0])
+        self._log_rollout([r[2] for r in records], mode)
+        rows = [row for _, group_rows, _ in records for row in group_rows]
+        local = rows[process.process_index * len(prompts):(process.process_index + 1) * len(prompts)]
+        self._signals = [(c.entropies, c.confidences) for _, c, _ in local]
+        tokens = [(h, c) for entropies, confidences in self._signals for h, c in zip(entropies, confidences)]
+        if tokens:
+            self._metrics[mode]["rollout/mean_entropy"].append(sum(h for h, _ in tokens) / len(tokens))
+            self._metrics[mode]["rollout/mean_confidence"].append(sum(c for _, c in tokens) / len(tokens))
+        return {
+            "prompt_ids": [ids for ids, _, _ in local],
+            "completion_ids": [c.token_ids for _, c, _ in local],
+            "logprobs": [c.logprobs for _, c, _ in local],
+            "pseudo_label": [label for _, _, label in local],
+        }
+
+    def _log_rollout(self, stats: list[dict], mode: str) -> None:
+        n = len(stats)
+        metrics = self._metrics[mode]
+        roots = self.args.tree_config().roots if self.args.tree_rollouts else self.args.num_votes
+        metrics["rollout/decoded_tokens_per_question"].append(sum(s["decoded_tokens"] for s in stats) / n)
+        metrics["rollout/forks_per_question"].append(sum(s["forks"] for s in stats) / n)
+        metrics["rollout/branches_per_question"].append(sum(s["branches"] for s in stats) / n)
+        metrics["rollout/pruned_fraction"].append(sum(s["pruned"] for s in stats) / max(1, sum(s["branches"] + roots for s in stats)))
+        metrics["rollout/effective_leaves"].append(sum(s["tree_leaves"] for s in stats) / n)
+        metrics["rollout/fills_per_question"].append(sum(s["fills"] for s in stats) / n)
+        metrics["ttrl/majority_share"].append(sum(s["votes"] for s in stats) / n)
+        known = [s["agreement"] for s in stats if s["agreement"] is not None]
+        if known:
+            metrics["ttrl/label_agreement"].append(sum(known) / len(known))
+        if self.args.tree_rollouts and sum(s["forks"] for s in stats) == 0 and not getattr(self, "_warned_no_fork", False):
+            self._warned_no_fork = True
+            logger.warning("Tree rollouts created no branch in this batch: no token met the fork thresholds (see "
+                           "llmrec.rollout.tree; the paper's defaults suit 7B models, calibrate `tree` for yours).")
+
+    # --- loss -----------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if "clip_epsilon" not in inputs:
+            return super()._compute_loss(model, inputs)
+        # GRPO clips with the scalars epsilon_low/high; a (B, 1) tensor in their place clips each sequence by its own
+        # radius through the unchanged loss code
+        low, high = self.epsilon_low, self.epsilon_high
+        self.epsilon_low = self.epsilon_high = inputs["clip_epsilon"].unsqueeze(1)
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self.epsilon_low, self.epsilon_high = low, high
+
+
+def _pad(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row[: mask.shape[1]], dtype=torch.float32)
+    return out
+
+
+def _whiten(values: torch.Tensor, mask: torch.Tensor, reduce) -> torch.Tensor:
+    m = mask.float()
+    totals = reduce(torch.stack([(values * m).sum(), (values.square() * m).sum(), m.sum()]), reduction="sum")
+    count = totals[2].clamp(min=1.0)
+    mean = totals[0] / count
+    std = (totals[1] / count - mean.square()).clamp(min=0.0).sqrt()
+    return (values - mean) / (std + 1e-6) * m
+
+
+def hybrid_advantages(advantages: torch.Tensor, entropy: torch.Tensor, confidence: torch.Tensor, mask: torch.Tensor,
+                      args: ECHOConfig, reduce) -> torch.Tensor:
+    """A_{i,t} = A_i (1 + a S_{i,t}) on valid tokens (B, T); `reduce` sums the whitening totals over processes."""
+    score = (args.exploration_entropy_weight * _whiten(entropy, mask, reduce)
+             + args.exploration_confidence_weight * _whiten(1.0 - confidence, mask, reduce))
+    score = score.clamp(-args.exploration_clip, args.exploration_clip)
+    return advantages.unsqueeze(1) * (1.0 + args.hybrid_scale * score) * mask
+
+
+def adaptive_clip_radius(confidence: torch.Tensor, mask: torch.Tensor, args: ECHOConfig) -> torch.Tensor:
+    """eps(o_i) per sequence (B,) from the mean confidence of its last `clip_tail_tokens` valid tokens."""
+    lengths = mask.sum(1)
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    tail = (positions >= (lengths - args.clip_tail_tokens).unsqueeze(1)) & mask.bool()
+    c_tail = (confidence * tail).sum(1) / tail.sum(1).clamp(min=1)
+    gate = torch.sigmoid(args.clip_sharpness * (args.clip_confidence_center - c_tail))
+    return args.epsilon_min + (args.epsilon_max - args.epsilon_min) * gate
+
+
+def build_datasets(context: StageContext):
+    """The test questions without their answers' use: prompt, plus `answer` for the label-agreement metric only."""
+    from llmrec.data import reasoning_examples
+
+    config = context.recipe.data.reasoning
+    train = reasoning_examples(config, "test", context.recipe.run.seed).select_columns(["prompt", "answer"])
+    return train, None
+
+
+def recipe_needs(recipe) -> list[tuple[tuple, str]]:
+    if recipe.data.reasoning is None:
+        return [(("data", "reasoning"), "trainer echo runs test-time RL on reasoning problems: add a data.reasoning "
+                 "section (and eval.task: reasoning).")]
+    return []
+
+
+ECHO = StageSpec(
+    config_class=ECHOConfig,
+    trainer_class=ECHOTrainer,
+    build_datasets=build_datasets,
+    description="test-time RL on the unlabeled test questions (TTRL majority vote; ECHO tree rollouts and updates)",
+    recipe_needs=recipe_needs,
+)
+
+__all__ = ["ECHO", "ECHOConfig", "ECHOTrainer", "adaptive_clip_radius", "hybrid_advantages", "majority_vote_reward"]
