@@ -178,3 +178,13 @@ def test_path_vote_weights_split_each_tree_by_the_probability_of_its_forks(rollo
         weights = [c.vote_weight for c in question.completions]
         assert sum(weights) == pytest.approx(len(weights))  # no pruning: every tree's leaves share its leaf count
         assert min(weights) < 1 < max(weights)
+
+
+def test_a_tiny_top_p_samples_the_most_likely_token(rollout, prompts, base):
+    out = rollout.generate(prompts[:1], 3, TreeConfig(branching=False, pruning=False),
+                           SamplingConfig(top_p=1e-6, max_new_tokens=6), seed=0)
+    leaves = [c.token_ids for c in out[0].completions]
+    assert leaves[0] == leaves[1] == leaves[2]
+    with torch.no_grad():
+        first = int(base(torch.tensor([prompts[0]])).logits[0, -1].argmax())
+    assert leaves[0][0] == first
