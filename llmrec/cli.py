@@ -145,6 +145,9 @@ def _data_stats(args: argparse.Namespace) -> None:
         _reasoning_stats(recipe)
         return
     data = load_data(recipe.data, recipe.run.seed)
+    if recipe.data.summaries is not None:
+        _summaries_stats(recipe, data)
+        return
     for key, value in data.stats().items():
         print(f"{key:>20}: {value}")
     if recipe.data.ctr is not None:
@@ -190,6 +193,20 @@ def _reasoning_stats(recipe) -> None:
     rows = reasoning_examples(config, "train", recipe.run.seed)
     rows = rows if len(rows) else reasoning_examples(config, "test", recipe.run.seed)
     print("\nexample prompt:\n" + rows[0]["prompt"] + "\nexample completion:\n" + rows[0]["completion"])
+
+
+def _summaries_stats(recipe, data) -> None:
+    from llmrec.data.preference_summaries import format_prompt, summary_users
+
+    config = recipe.data.summaries
+    for split in ("train", "valid", "test"):
+        users = summary_users(config, recipe.run.seed, split, data)
+        counts = [len(u.behaviours) for u in users]
+        print(f"{split + ' users':>20}: {len(users)}" + (f" ({min(counts)}-{max(counts)} behaviours each)" if counts else ""))
+    if config.ood is not None:
+        print(f"{'out-of-domain users':>20}: {len(summary_users(config, recipe.run.seed, 'test', data, ood=True))}")
+    user = summary_users(config, recipe.run.seed, "train", data)[0]
+    print("\nexample prompt (part 1 of a training user):\n" + format_prompt(None, user.parts(config.behaviours.fractions)[0]))
 
 
 def _eval(args: argparse.Namespace) -> None:

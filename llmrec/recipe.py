@@ -516,17 +516,31 @@ def _instantiate(recipe: Recipe, places: _Places) -> None:
     elif recipe.data.classification is not None:
         needs.append((("eval", "task"), "with data.classification, trainer sft trains on classification rows; evaluate "
                       "them with eval.task: classification (or remove data.classification)."))
-    if recipe.eval.task == "reasoning" and recipe.data.reasoning is None:
-        needs.append((("eval", "task"), "the reasoning evaluation needs a data.reasoning section (the problems and "
-                      "their prompt template)."))
-    elif recipe.eval.task != "reasoning" and recipe.data.reasoning is not None:
-        needs.append((("eval", "task"), "with data.reasoning, the stages train on reasoning problems; evaluate them "
-                      "with eval.task: reasoning (or remove data.reasoning)."))
-    if recipe.data.reasoning is not None and recipe.data.classification is not None:
-        needs.append((("data", "reasoning"), "a recipe has one text task: data.reasoning or data.classification, not both."))
+    needs += _text_task_needs(recipe)
     if needs:
         first = {where: message for where, message in reversed(needs)}  # one message per place
         raise LLMRecError("\n".join(f"{places(where)}: {message}" for where, message in reversed(first.items())))
+
+
+# evaluation task -> (its data section, what the section holds)
+TEXT_TASKS = {"reasoning": ("reasoning", "the problems and their prompt template"),
+              "preference_summary": ("summaries", "behaviours and judge")}
+
+
+def _text_task_needs(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """A text task's data section and its evaluation come together, and a recipe has at most one text task."""
+    needs = []
+    for task, (section, holds) in TEXT_TASKS.items():
+        present = getattr(recipe.data, section) is not None
+        if recipe.eval.task == task and not present:
+            needs.append((("eval", "task"), f"the {task} evaluation needs a data.{section} section ({holds})."))
+        elif recipe.eval.task != task and present:
+            needs.append((("eval", "task"), f"with data.{section}, the stages train on that task; evaluate it with "
+                          f"eval.task: {task} (or remove data.{section})."))
+    sections = [name for name in ("classification", "reasoning", "summaries") if getattr(recipe.data, name) is not None]
+    if len(sections) > 1:
+        needs.append((("data", sections[1]), f"a recipe has one text task, not data.{' and data.'.join(sections)}."))
+    return needs
 
 
 def all_stage_fields(recipe: Recipe, index: int) -> dict[str, Any]:

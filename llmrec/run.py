@@ -158,6 +158,10 @@ def _tokenizer_texts(recipe: Recipe, data: RecData):
             from llmrec.data import reasoning_tokenizer_texts
 
             rows = reasoning_tokenizer_texts(recipe.data.reasoning, recipe.run.seed)
+        if recipe.data.summaries is not None:
+            from llmrec.data import summaries_tokenizer_texts
+
+            rows = summaries_tokenizer_texts(recipe.data.summaries, recipe.run.seed, data)
         return [*data.titles.values(), *(fixed * 200), *rows]
 
     return texts
@@ -303,6 +307,10 @@ def evaluate_split(model, tokenizer, data: RecData, recipe: Recipe, split: str) 
         from llmrec.eval.reasoning import evaluate_reasoning
 
         return evaluate_reasoning(model, tokenizer, recipe, split)
+    if recipe.eval.task == "preference_summary":
+        from llmrec.eval.preference_summary import evaluate_summaries
+
+        return evaluate_summaries(model, tokenizer, data, recipe, split)
     from llmrec.eval.ranking import evaluate_ranking
 
     return evaluate_ranking(model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split, recipe.data.shifts)
@@ -430,6 +438,9 @@ def print_summary(metrics: dict, recipe: Recipe, splits: list[str] | None = None
     if recipe.eval.task == "reasoning":
         _print_reasoning_summary(metrics, splits or recipe.eval.splits, recipe)
         return
+    if recipe.eval.task == "preference_summary":
+        _print_summary_accuracy(metrics, splits or recipe.eval.splits)
+        return
     for split in splits or recipe.eval.splits:
         names = [("model", f"{split}/")] + [(name, baseline_prefix(name, split)) for name in recipe.eval.baselines]
         columns = [f"{m}@{k}" for k in sorted(recipe.eval.ks) for m in ("hr", "ndcg")]
@@ -482,6 +493,20 @@ def _print_reasoning_summary(metrics: dict, splits: list[str], recipe: Recipe) -
               f"{metrics[f'{split}/samples']} samples each at temperature {recipe.eval.temperature}:")
         print("".join(f"{c.removesuffix('_accuracy'):>12}" for c in columns))
         print("".join(f"{metrics[f'{split}/{c}']:>12.4f}" for c in columns))
+
+
+def _print_summary_accuracy(metrics: dict, splits: list[str]) -> None:
+    columns = ("no_summary", "model", "streaming", "oracle", "format_ok")
+    for population in [*splits, "ood"]:
+        if f"{population}/model" not in metrics:
+            continue
+        print(f"\n{population}: judge accuracy over {metrics[f'{population}/questions']} questions of "
+              f"{metrics[f'{population}/users']} users:")
+        print("".join(f"{c:>12}" for c in columns))
+        print("".join(f"{metrics[f'{population}/{c}']:>12.4f}" if f"{population}/{c}" in metrics else f"{'-':>12}"
+                      for c in columns))
+        for key in sorted(k for k in metrics if k.startswith(f"{population}/transfer/")):
+            print(f"{key}: {metrics[key]:.4f}")
 
 
 def load_trained(run_dir: str | Path):

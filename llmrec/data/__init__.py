@@ -1,7 +1,8 @@
 """Recommendation data: loaders and synthetic worlds -> checks -> filters -> OOD hold-out -> per-user split -> `RecData`,
 and the task builders that turn `RecData` into training rows (next-item, preference, CTR). Text classification
-(`data.classification`) and reasoning problems (`data.reasoning`) build their rows without `RecData`: synthetic tasks
-generated offline, or Hub datasets."""
+(`data.classification`), reasoning problems (`data.reasoning`) and preference summaries (`data.summaries`) build
+their rows without `RecData` (summaries may convert it to behaviours): synthetic tasks generated offline, or Hub
+datasets."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .classification import ClassificationTaskConfig, classification_examples, c
 from .ctr import CTRTaskConfig, ctr_examples, ctr_tokenizer_texts
 from .filters import FilterConfig, apply_filters
 from .loaders import AmazonSource, MovieLens1MSource, MovieLens100KSource, RecBoleSource, TableSource
+from .preference_summaries import PreferenceSummaryTaskConfig, summaries_tokenizer_texts
 from .preferences import PreferenceDataConfig, pairwise_rows, preference_examples
 from .reasoning import ReasoningTaskConfig, reasoning_examples, reasoning_tokenizer_texts
 from .recdata import RawData, RecData
@@ -44,6 +46,12 @@ class DataConfig(Section):
         description="Problems with final answers (arithmetic world, GSM8K, MATH-500, AIME): `trainer: sft` trains on "
         "their worked solutions, test-time RL (`trainer: echo`) on the test questions without their answers, and "
         "`eval.task: reasoning` samples solutions. The interactions are loaded but not used.",
+    )
+    summaries: PreferenceSummaryTaskConfig | None = Field(
+        None,
+        description="Preference summaries (AlignXplore+): users' (query, chosen, rejected) behaviours, the judge and "
+        "the synthesis of SFT data; `trainer: alignxplore_sft` then `alignxplore` train on them and "
+        "`eval.task: preference_summary` measures judge accuracy.",
     )
     classification: ClassificationTaskConfig | None = Field(
         None,
@@ -76,6 +84,7 @@ __all__ = [
     "NextItemTaskConfig",
     "OOD_SPLITS",
     "PreferenceDataConfig",
+    "PreferenceSummaryTaskConfig",
     "RawData",
     "ReasoningTaskConfig",
     "RecData",
@@ -89,6 +98,7 @@ __all__ = [
     "load_data",
     "reasoning_examples",
     "reasoning_tokenizer_texts",
+    "summaries_tokenizer_texts",
     "next_item_examples",
     "ood_split",
     "pairwise_rows",

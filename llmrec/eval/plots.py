@@ -38,6 +38,8 @@ def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> 
             bars = _accuracy_bars
         elif f"{split}/mean_accuracy" in metrics:
             bars = _reasoning_bars
+        elif f"{split}/no_summary" in metrics:
+            bars = _summary_bars
         else:
             bars = _ranking_bars
         bars(axis, metrics, split)
@@ -89,6 +91,18 @@ def _reasoning_bars(axis, metrics: dict, split: str) -> None:
     names = {"mean_accuracy": f"mean@{n}", "majority_accuracy": f"maj@{n}", "pass_accuracy": f"pass@{n}"}
     axis.bar(list(names.values()), [metrics.get(f"{split}/{key}", 0.0) for key in names])
     axis.set(title=f"Reasoning accuracy ({split})", ylabel="accuracy", ylim=(0, 1))
+
+
+def _summary_bars(axis, metrics: dict, split: str) -> None:
+    populations = [p for p in (split, "ood") if f"{p}/model" in metrics]
+    kinds = [k for k in ("no_summary", "model", "streaming", "oracle") if f"{split}/{k}" in metrics]
+    width = 0.8 / len(populations)
+    for i, population in enumerate(populations):
+        axis.bar([x + i * width for x in range(len(kinds))], [metrics.get(f"{population}/{k}", 0.0) for k in kinds],
+                 width, label=population)
+    axis.set_xticks([x + width * (len(populations) - 1) / 2 for x in range(len(kinds))], kinds)
+    axis.set(title="Judge accuracy given the summary", ylabel="accuracy", ylim=(0, 1))
+    axis.legend()
 
 
 def _ranking_bars(axis, metrics: dict, split: str) -> None:

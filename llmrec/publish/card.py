@@ -112,6 +112,19 @@ def _reasoning_results(metrics: dict, recipe: Recipe) -> str:
     return "\n".join(sections)
 
 
+def _summary_results(metrics: dict) -> str:
+    sections = []
+    for population in ("test", "valid", "ood"):
+        if f"{population}/model" not in metrics:
+            continue
+        columns = [c for c in ("no_summary", "model", "streaming", "oracle") if f"{population}/{c}" in metrics]
+        rows = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+                "| " + " | ".join(f"{metrics[f'{population}/{c}']:.4f}" for c in columns) + " |"]
+        sections.append(f"## Results: judge accuracy, {population} users ({metrics[f'{population}/users']} users, "
+                        f"{metrics[f'{population}/questions']} questions)\n\n" + "\n".join(rows) + "\n")
+    return "\n".join(sections)
+
+
 def _shift(recipe: Recipe) -> str:
     details = {
         "popularity": lambda s: f"test targets re-drawn with weight popularity^-{s.power}",
@@ -131,12 +144,24 @@ and a candidate item's title and answers Yes or No; the score is the softmax of 
     "classification": """A text classifier trained with [llmrec](https://github.com/llmrec/llmrec): the model reads a prompt holding the
 text and writes the class's label word; the predicted class is the label word whose first token has the highest
 logit after the prompt.""",
+    "preference_summary": """A preference-summary model trained with [llmrec](https://github.com/llmrec/llmrec) (AlignXplore+): it reads a
+user's (query, chosen, rejected) behaviours and an optional past summary, thinks, and writes a natural-language
+summary of the user's preferences that any judge model can read.""",
     "reasoning": """A problem solver trained with [llmrec](https://github.com/llmrec/llmrec): the model writes a worked solution that ends
 in its final answer; accuracy compares the extracted answers of sampled solutions with the true ones.""",
 }
 
 
 def _notes(recipe: Recipe, path: Path) -> str:
+    if recipe.eval.task == "preference_summary":
+        return f"""Judge accuracy is the share of held-out (query, chosen, rejected) questions the judge answers correctly from
+the summary alone; "streaming" updates the summary with newer behaviours first.
+
+## Use
+
+```bash
+llmrec eval {path.parent}
+```"""
     if recipe.eval.task == "reasoning":
         return f"""mean@n is the share of correct samples, maj@n the accuracy of the majority answer, pass@n the share of
 questions with at least one correct sample.
@@ -180,6 +205,9 @@ llmrec eval {path.parent}
 def _data_line(recipe: Recipe, data: RecData) -> str:
     if recipe.data.classification is not None:
         return f"- **Data:** {describe_classification(recipe.data.classification)}."
+    if recipe.data.summaries is not None:
+        source = recipe.data.summaries.behaviours
+        return f"- **Data:** {source.source} behaviours; judge: {recipe.data.summaries.judge.kind}."
     if recipe.data.reasoning is not None:
         config = recipe.data.reasoning
         return (f"- **Data:** {config.source} problems ({config.train_size} train, {config.test_size} test"
@@ -194,10 +222,12 @@ def _results_of(metrics: dict, recipe: Recipe) -> str:
         return _classification_results(metrics, recipe)
     if recipe.eval.task == "reasoning":
         return _reasoning_results(metrics, recipe)
+    if recipe.eval.task == "preference_summary":
+        return _summary_results(metrics)
     return _results(metrics, recipe) if recipe.eval.task == "ranking" else _ctr_results(metrics)
 
 
-_TAGS = {"classification": "text-classification", "reasoning": "reasoning"}
+_TAGS = {"classification": "text-classification", "reasoning": "reasoning", "preference_summary": "personalization"}
 
 
 def write_card(path: Path, recipe: Recipe, data: RecData, metrics: dict) -> None:

@@ -26,6 +26,8 @@ TRAINERS: dict[str, str] = {
     "causal_dpo": "llmrec.trainers.causal_dpo:CAUSAL_DPO",
     "ctr": "llmrec.trainers.ctr:CTR",
     "echo": "llmrec.trainers.echo:ECHO",
+    "alignxplore_sft": "llmrec.trainers.alignxplore:ALIGNXPLORE_SFT",
+    "alignxplore": "llmrec.trainers.alignxplore:ALIGNXPLORE",
 }
 
 

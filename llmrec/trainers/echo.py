@@ -25,9 +25,9 @@ On top of GRPO (advantage A_i = (r_i - mean) / (std + eps) per group, token-mean
 KL to the reference is GRPO's `beta` (ECHO's authors: 0.001). With every part off, rollouts flat and votes equal to
 generations, the loss is TRL's GRPO loss on the same batch (tested).
 
-Groups: GRPO may place one question's generations on several processes; the rollout gathers the prompts, each
-process grows the trees of every P-th question, and the results are gathered back, so a question's votes always
-come from one tree and every process trains its own slice.
+Groups: GRPO may place one question's generations on several processes; `llmrec.rollout.grpo.share_groups` lets
+each process grow the trees of every P-th question and gathers the results back, so a question's votes always come
+from one tree and every process trains its own slice.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from trl import GRPOConfig, GRPOTrainer
 from llmrec.errors import LLMRecError
 from llmrec.eval.reasoning import extract_answer, majority_vote
 from llmrec.logs import get_logger
-from llmrec.rollout import HFRollout, SamplingConfig, TreeConfig, VLLMRollout
+from llmrec.rollout import SamplingConfig, TreeConfig
+from llmrec.rollout.grpo import generation_backend, share_groups
 
 from . import StageContext, StageSpec
 
@@ -149,54 +150,33 @@ class ECHOTrainer(GRPOTrainer):
 
     def tree_rollout(self, prompts: list) -> dict:
         """TRL's `rollout_func`: one tree of `num_votes` leaves per question (a group of identical prompts)."""
-        from accelerate.utils import gather_object
-        from trl.models import unwrap_model_for_generation
-
-        args, process = self.args, self.accelerator
+        args = self.args
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        everyone = gather_object(list(zip(prompts, self._labels or [None] * len(prompts))))
-        if len(everyone) % group:
-            raise LLMRecError(f"the generation batch ({len(everyone)} prompts) is not a whole number of groups of {group}.")
-        questions = everyone[::group]
-        mine = list(range(process.process_index, len(questions), process.num_processes))
-        prompt_ids, _, _ = self._tokenize_prompts([questions[q][0] for q in mine]) if mine else ([], None, None)
         sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_completion_length)
-        seed = args.seed * 1_000_003 + self.state.global_step * 7919 + process.process_index
-        if mine:
-            if self.use_vllm:
-                engine = self.vllm_generation.llm if args.vllm_mode == "colocate" else self.vllm_generation.vllm_client
-                backend = VLLMRollout(engine, self.eos_token_ids, args.vllm_chunk_tokens)
+        seed = args.seed * 1_000_003 + self.state.global_step * 7919 + self.accelerator.process_index
+
+        def grow(questions):
+            prompt_ids, _, _ = self._tokenize_prompts([prompt for _, prompt, _ in questions])
+            with generation_backend(self, args.vllm_chunk_tokens) as backend:
                 rollouts = backend.generate(prompt_ids, args.num_votes, args.tree_config(), sampling, seed)
-            else:
-                with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                                 gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped:
-                    training = unwrapped.training
-                    unwrapped.eval()
-                    try:
-                        backend = HFRollout(unwrapped, self.eos_token_ids, self._tokenizer.pad_token_id)
-                        rollouts = backend.generate(prompt_ids, args.num_votes, args.tree_config(), sampling, seed)
-                    finally:
-                        unwrapped.train(training)
-        else:
-            rollouts = []
-        rng = torch.Generator().manual_seed(seed)
-        records = []
-        for q, ids, rollout in zip(mine, prompt_ids, rollouts):
-            texts = self.processing_class.batch_decode([c.token_ids for c in rollout.completions], skip_special_tokens=True)
-            weights = [c.vote_weight for c in rollout.completions] if args.vote_weighting == "path" else None
-            label, votes = majority_vote([extract_answer(t) for t in texts], weights)
-            keep = (sorted(torch.randperm(len(rollout.completions), generator=rng)[:group].tolist())
-                    if args.num_votes > group else range(group))
-            records.append((q, [(ids, rollout.completions[i], label) for i in keep], {
-                "votes": votes / (sum(weights) if weights else args.num_votes),
-                "agreement": None if questions[q][1] is None else float(label == questions[q][1]),
-                **dataclasses.asdict(rollout.stats),
-            }))
-        records = sorted(gather_object(records), key=lambda r: r[0])
-        self._log_rollout([r[2] for r in records], mode)
-        rows = [row for _, group_rows, _ in records for row in group_rows]
-        local = rows[process.process_index * len(prompts):(process.process_index + 1) * len(prompts)]
+            rng = torch.Generator().manual_seed(seed)
+            records = []
+            for (q, _, answer), ids, rollout in zip(questions, prompt_ids, rollouts):
+                texts = self.processing_class.batch_decode([c.token_ids for c in rollout.completions], skip_special_tokens=True)
+                weights = [c.vote_weight for c in rollout.completions] if args.vote_weighting == "path" else None
+                label, votes = majority_vote([extract_answer(t) for t in texts], weights)
+                keep = (sorted(torch.randperm(len(rollout.completions), generator=rng)[:group].tolist())
+                        if args.num_votes > group else range(group))
+                records.append((q, [(ids, rollout.completions[i], label) for i in keep], {
+                    "votes": votes / (sum(weights) if weights else args.num_votes),
+                    "agreement": None if answer is None else float(label == answer),
+                    **dataclasses.asdict(rollout.stats),
+                }))
+            return records
+
+        local, stats = share_groups(self, prompts, self._labels or [None] * len(prompts), group, grow)
+        self._log_rollout(stats, mode)
         self._signals = [(c.entropies, c.confidences) for _, c, _ in local]
         tokens = [(h, c) for entropies, confidences in self._signals for h, c in zip(entropies, confidences)]
         if tokens:

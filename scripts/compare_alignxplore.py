@@ -1,0 +1,109 @@
+"""AlignXplore+ on the persona world over several seeds: judge accuracy with no summary, the SFT model's summary
+and the RL model's summary, in domain, streaming, out of domain (MovieLens-100K users) and read by a second judge.
+
+    python scripts/compare_alignxplore.py --seeds 0 1 2 --benchmarks BENCHMARKS.md
+
+For each seed: `recipes/alignxplore/tiny_sft.yaml`, then `recipes/alignxplore/tiny_rl.yaml` starting from that SFT
+run's final model. Results accumulate in <output>/results.json; the table (mean ± std over seeds) is printed and,
+with --benchmarks, written into BENCHMARKS.md between markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from compare_alignment import write_benchmarks
+
+SFT, RL = "recipes/alignxplore/tiny_sft.yaml", "recipes/alignxplore/tiny_rl.yaml"
+COLUMNS = [("in domain", "test/{}"), ("streaming update", "test/streaming"), ("out of domain (ml-100k)", "ood/{}"),
+           ("second judge (likes only)", "test/transfer/rule/{}")]
+
+
+def _train(recipe: str, overrides: list[str], log: Path) -> tuple[dict, float | None]:
+    """The run's metrics and its wall time (None when the run had finished before and was only reloaded)."""
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.name="))
+    output = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.output_dir="))
+    finished_before = (Path(output) / name / "metrics.json").is_file()
+    started = time.time()
+    with open(log, "a") as handle:
+        result = subprocess.run([sys.executable, "-m", "llmrec", "train", recipe, *overrides], stdout=handle,
+                                stderr=handle, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{recipe} {overrides} failed; see {log}")
+    seconds = None if finished_before else time.time() - started
+    return json.loads((Path(output) / name / "metrics.json").read_text()), seconds
+
+
+def run_seed(seed: int, output: Path, extra: list[str], variants: dict[str, list[str]]) -> dict:
+    """The SFT run, the RL run from it, and each RL variant (RL overrides) from the same SFT model."""
+    log = output / "log.txt"
+    common = [f"run.seed={seed}", f"run.output_dir={output}", *extra]
+    sft, sft_seconds = _train(SFT, [f"run.name=sft-s{seed}", *common], log)
+    row = {"sft": sft} | ({"sft_seconds": sft_seconds} if sft_seconds is not None else {})
+    for label, overrides in {"rl": [], **variants}.items():
+        metrics, seconds = _train(RL, [f"run.name={label}-s{seed}", f"model.name={output}/sft-s{seed}/final", *common,
+                                       *overrides], log)
+        row[label] = metrics
+        if seconds is not None:
+            row[f"{label}_seconds"] = seconds
+        print(f"seed {seed}: sft {sft.get('test/model'):.3f} {label} {metrics.get('test/model'):.3f}", flush=True)
+    return row
+
+
+def _stat(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def table(results: dict[str, dict], variants: list[str]) -> str:
+    systems = [("no summary", "sft", "no_summary"), ("SFT summary", "sft", "model"), ("RL summary", "rl", "model"),
+               *((f"RL summary, {label}", label, "model") for label in variants), ("oracle (hidden persona)", "sft", "oracle")]
+    lines = ["| summary | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" + "|---:" * len(COLUMNS) + "|"]
+    for label, run, kind in systems:
+        cells = []
+        for _, pattern in COLUMNS:
+            key = pattern.format(kind) if "{}" in pattern else (pattern if kind == "model" else None)
+            cells.append(_stat([seed[run].get(key) for seed in results.values()]) if key else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    formats = [f"{seed[run].get('test/format_ok', 0):.2f}" for run in ("sft", "rl") for seed in results.values()]
+    seconds = [seed["sft_seconds"] + seed["rl_seconds"] for seed in results.values()]
+    return ("\n".join(lines) + f"\n\nSeeds: {', '.join(results)} (mean ± standard deviation over seeds). Well-formed "
+            f"outputs (SFT seeds, then RL seeds): {', '.join(formats)}. Wall time per seed (SFT + RL, with "
+            f"evaluations): {statistics.mean(seconds):.0f} s.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output", type=Path, default=Path("runs/compare-alignxplore"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
+    parser.add_argument("--rl-variant", nargs="+", action="append", default=[], metavar=("LABEL", "key=value"),
+                        help="the RL recipe again, from the same SFT model, with these overrides, as the row LABEL")
+    parser.add_argument("--benchmarks", type=Path)
+    parser.add_argument("--title", default="AlignXplore+ on the persona world: judge accuracy of preference summaries")
+    args = parser.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    store = args.output / "results.json"
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    variants = {label: overrides for label, *overrides in args.rl_variant}
+    for seed in args.seeds:
+        results[str(seed)] = {**results.get(str(seed), {}), **run_seed(seed, args.output, args.overrides, variants)}
+        store.write_text(json.dumps(results, indent=1))
+    body = table({str(s): results[str(s)] for s in args.seeds}, list(variants))
+    print(body)
+    if args.benchmarks:
+        write_benchmarks(args.benchmarks, args.title, "python scripts/compare_alignxplore.py " + " ".join(sys.argv[1:]),
+                         body, tag="compare_alignxplore")
+
+
+if __name__ == "__main__":
+    main()
