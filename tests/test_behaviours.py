@@ -274,3 +274,15 @@ def test_user_split(personas):
     assert all(small.values()) and sum(map(len, small.values())) == 4
     with pytest.raises(ValueError, match="sum to 1"):
         user_split(personas, seed=0, fractions=(0.8, 0.1, 0.2))
+
+
+def test_hub_source_reads_the_same_records_through_datasets(tmp_path):
+    folder = tmp_path / "alignx"
+    folder.mkdir()
+    rows = [{"user_id": f"u{u}", "query": f"q{k}", "chosen": f"c{k}", "rejected": f"r{k}"} for u in range(2) for k in range(6)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    users = load_behaviours(BehaviourDataConfig(source="hub", dataset=str(folder)), seed=0)
+    assert [u.user_id for u in users] == ["u0", "u1"] and len(users[0].behaviours) == 6
+    assert users[1].behaviours[2] == Behaviour("q2", "c2", "r2")
+    with pytest.raises(ValueError, match="dataset"):
+        BehaviourDataConfig(source="hub")

@@ -23,9 +23,12 @@ text. Three sources (`BehaviourDataConfig.source`):
 * `jsonl` (`load_jsonl`): AlignX-style JSON Lines, one user per line (`user_id`, `behaviours`: a list of objects
   with `query`, `chosen`, `rejected`), or one behaviour per line (`user_id`, `query`, `chosen`, `rejected`), grouped
   by user in file order.
+* `hub` (`load_hub`): the same records as rows of a `datasets` dataset (a Hub id, downloaded and cached on first
+  use, or a local folder), for GPU recipes on AlignX-style data.
 
 Users with fewer than `min_behaviours` behaviours are dropped, and `max_users` keeps a seeded sample of the rest
-(in their original order). `load_jsonl` takes no seed, so `load_behaviours` applies `max_users` to its users.
+(in their original order). `load_jsonl` and `load_hub` take no seed, so `load_behaviours` applies `max_users` to
+their users.
 """
 
 from __future__ import annotations
@@ -99,10 +102,11 @@ class UserBehaviours:
 class BehaviourDataConfig(Section):
     """Where AlignXplore+ behaviours (query, chosen, rejected) come from and how each user's are split."""
 
-    source: Literal["personas", "recdata", "jsonl"] = Field(
+    source: Literal["personas", "recdata", "jsonl", "hub"] = Field(
         "personas",
         description="'personas': a synthetic world with known preferences; 'recdata': pairs of high- and low-rated "
-        "items from the recommendation data (`data.source`); 'jsonl': AlignX-style JSON Lines at `path`.",
+        "items from the recommendation data (`data.source`); 'jsonl': AlignX-style JSON Lines at `path`; 'hub': the "
+        "same records from a `datasets` dataset (`dataset`: a Hub id or a local folder, `split`).",
     )
     num_users: int = Field(200, ge=1, description="personas: number of users.")
     behaviours_per_user: int = Field(16, ge=3, description="personas: behaviours per user.")
@@ -116,6 +120,8 @@ class BehaviourDataConfig(Section):
     )
     domain: str = Field("movie", min_length=1, description="personas: the noun used in queries ('movie', 'book', ...).")
     path: str | None = Field(None, description="jsonl: the behaviours file (.jsonl or .jsonl.gz).")
+    dataset: str | None = Field(None, description="hub: a Hub dataset id or a local folder `datasets` can load.")
+    split: str = Field("train", description="hub: the dataset's split.")
     min_behaviours: int = Field(
         6, ge=3, description="Users with fewer behaviours are dropped (they cannot fill the three parts)."
     )
@@ -138,6 +144,8 @@ class BehaviourDataConfig(Section):
     def _consistent(self) -> BehaviourDataConfig:
         if self.source == "jsonl" and not self.path:
             raise ValueError("source: jsonl needs path (the behaviours file)")
+        if self.source == "hub" and not self.dataset:
+            raise ValueError("source: hub needs dataset (a Hub id or a local folder)")
         if self.source == "personas":
             if self.liked_per_persona + self.disliked_per_persona == 0:
                 raise ValueError("a persona needs at least one liked or disliked value")
@@ -296,9 +304,30 @@ def load_jsonl(config: BehaviourDataConfig) -> list[UserBehaviours]:
     if not config.path:
         raise LLMRecError("source: jsonl needs path (the behaviours file).", "data.summaries.behaviours.path")
     path = existing_file(config.path, "data.summaries.behaviours.path", "AlignX-style behaviours, JSON Lines")
+    users = _group_records(((f"{path}:{number}", record) for number, record in iter_jsonl(path)), str(path))
+    return _drop_short(users, config.min_behaviours, str(path))
+
+
+def load_hub(config: BehaviourDataConfig) -> list[UserBehaviours]:
+    """The same records (a user per row, or a behaviour per row) from a `datasets` dataset: a Hub id or a local
+    folder, split `split`; errors name the row."""
+    from datasets import load_dataset
+
+    if not config.dataset:
+        raise LLMRecError("source: hub needs dataset (a Hub id or a local folder).", "data.summaries.behaviours.dataset")
+    try:
+        table = load_dataset(config.dataset, split=config.split)
+    except Exception as err:  # datasets raises many types (network, missing files, unknown splits)
+        raise LLMRecError(f"could not load {config.dataset} ({config.split}): {err}", "data.summaries.behaviours.dataset") from None
+    users = _group_records(((f"{config.dataset} row {i}", row) for i, row in enumerate(table)), config.dataset)
+    return _drop_short(users, config.min_behaviours, config.dataset)
+
+
+def _group_records(records, where: str) -> list[UserBehaviours]:
+    """Users from (place, record) pairs in order: a record holds `user_id` and either `behaviours` (a list) or one
+    behaviour's `query`, `chosen` and `rejected`."""
     grouped: dict[str, list[Behaviour]] = {}
-    for number, record in iter_jsonl(path):
-        place = f"{path}:{number}"
+    for place, record in records:
         if "user_id" not in record:
             raise LLMRecError(f"no 'user_id' field; the fields are {', '.join(record) or '(none)'}.", place)
         user_id = str(record["user_id"])
@@ -310,9 +339,8 @@ def load_jsonl(config: BehaviourDataConfig) -> list[UserBehaviours]:
             new = [_behaviour(record, place, "the line")]
         grouped.setdefault(user_id, []).extend(new)
     if not grouped:
-        raise LLMRecError("the file holds no behaviours.", str(path))
-    users = [UserBehaviours(user_id, behaviours) for user_id, behaviours in grouped.items()]
-    return _drop_short(users, config.min_behaviours, str(path))
+        raise LLMRecError("no behaviours found.", where)
+    return [UserBehaviours(user_id, behaviours) for user_id, behaviours in grouped.items()]
 
 
 def _behaviour(entry: object, place: str, what: str) -> Behaviour:
@@ -334,7 +362,7 @@ def load_behaviours(config: BehaviourDataConfig, seed: int, data: RecData | None
             raise LLMRecError("source: recdata needs the recommendation data (data.source).", "data.summaries.behaviours.source")
         users = from_recdata(data, config, seed)
     else:
-        users = _sample(load_jsonl(config), config.max_users, seed)
+        users = _sample(load_jsonl(config) if config.source == "jsonl" else load_hub(config), config.max_users, seed)
     if config.max_behaviours is not None:
         users = [UserBehaviours(u.user_id, u.behaviours[-config.max_behaviours:], u.preferences) for u in users]
     return users
