@@ -19,15 +19,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _launch_two_processes(recipe_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/multi_cpu.yaml",
+         "--main_process_port", str(_free_port()), "-m", "llmrec", "train", str(recipe_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+
+
 def test_multi_cpu_config_really_runs_two_processes(tmp_path):
     recipe = small_recipe(tmp_path / "runs")
     recipe["stages"][0]["args"].update(max_steps=4, save_steps=2, logging_steps=1)
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/multi_cpu.yaml",
-         "--main_process_port", str(_free_port()), "-m", "llmrec", "train", str(path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    result = _launch_two_processes(path)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stderr.splitlines()
     for rank in (0, 1):
@@ -63,11 +67,7 @@ def test_test_time_rl_with_groups_split_across_two_processes(tmp_path):
         "eval": {"task": "reasoning", "samples": 2, "max_new_tokens": 12, "batch_size": 8},
     }
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/multi_cpu.yaml",
-         "--main_process_port", str(_free_port()), "-m", "llmrec", "train", str(path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    result = _launch_two_processes(path)
     assert result.returncode == 0, result.stderr[-4000:]
     run = tmp_path / "runs" / "echo-mp"
     history = json.loads((run / "checkpoints" / "stage1-echo" / "result" / "llmrec_stage.json").read_text())["log_history"]

@@ -279,10 +279,6 @@ class SoftPromptModel(FrozenModelWrapper, abc.ABC):
 
     # --- save, load, export ----------------------------------------------------------------------------------------
 
-    def adapter_state_dict(self, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-        state_dict = state_dict if state_dict is not None else self.state_dict()
-        return {name: state_dict[name].detach().cpu().contiguous() for name in self.adapter_names}
-
     def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> None:
         """adapter_config.json and adapter_model.safetensors (every trainable tensor), each written atomically."""
         folder = Path(folder)

@@ -1,13 +1,14 @@
 """The base of llmrec's own adapters (CoRA, EPT, LAMP): a module wrapping a frozen causal LM.
 
 A subclass stores the frozen model under the attribute `frozen_attribute` and lists its own trainable tensors in
-`adapter_names`. This base gives every such adapter two things:
+`adapter_names`. This base gives every such adapter three things:
 
 * its state dict holds the adapter's tensors only (the frozen weights are dropped on save and not reported missing
   on load), so transformers' `Trainer` writes small checkpoints (`model.safetensors`) and restores them on resume
   with no adapter-specific saving code;
 * what `Trainer`, TRL and llmrec's evaluators read from a model (`config`, `device`, `dtype`, the input
-  embeddings) comes from the frozen model.
+  embeddings) comes from the frozen model;
+* `adapter_state_dict`, the tensors its `save_pretrained` writes.
 """
 
 from __future__ import annotations
@@ -56,3 +57,8 @@ class FrozenModelWrapper(nn.Module):
 
     def get_input_embeddings(self):
         return self.frozen_model.get_input_embeddings()
+
+    def adapter_state_dict(self, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors (from `state_dict` when given, e.g. one gathered under ZeRO-3), on the CPU."""
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        return {name: state_dict[name].detach().cpu().contiguous() for name in self.adapter_names}

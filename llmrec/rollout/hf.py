@@ -10,7 +10,6 @@ cache row. transformers' `generate` cannot fork mid-sequence, hence this loop.
 
 from __future__ import annotations
 
-import copy
 import inspect
 
 import torch
@@ -58,8 +57,7 @@ class HFRollout:
         # batch and restart from the prompt cache
         joinable = all(type(layer) is DynamicLayer for layer in prompt_cache.layers)
         prompt_kv = [(layer.keys, layer.values) for layer in prompt_cache.layers]
-        pristine = copy.deepcopy(prompt_cache)  # for a batch that restarts from the prompts
-        cache, mask, logits = self._start(prompt_cache, prompt_mask, prompt_logits, rows)
+        cache, mask, logits = self._start(prompt_kv, prompt_mask, prompt_logits, rows)
         tree = builder.config
         while True:
             fills = builder.spawn_fills(rows) if joinable or not rows else []
@@ -67,7 +65,7 @@ class HFRollout:
                 mask, logits = self._join(cache, mask, logits, prompt_kv, prompt_mask, prompt_logits, fills)
                 rows = rows + fills
             elif fills:
-                cache, mask, logits = self._start(copy.deepcopy(pristine), prompt_mask, prompt_logits, fills)
+                cache, mask, logits = self._start(prompt_kv, prompt_mask, prompt_logits, fills)
                 rows = fills
             if not rows:
                 return
@@ -104,11 +102,13 @@ class HFRollout:
                              position_ids=(mask.sum(-1, keepdim=True) - 1), use_cache=True, **{self.cache_argument: cache})
             logits = out.logits[:, -1].float()
 
-    @staticmethod
-    def _start(cache, prompt_mask, prompt_logits, rows: list[Branch]):
-        """A batch of `rows` that start from their prompts: the prompt cache re-indexed, with the prompts' logits."""
+    def _start(self, prompt_kv, prompt_mask, prompt_logits, rows: list[Branch]):
+        """A batch of `rows` that start from their prompts: a new cache holding their prompts' keys and values (the
+        prefilled tensors are only read, so later batches can start from them too), with the prompts' logits."""
         index = torch.tensor([b.question for b in rows], device=prompt_mask.device)
-        cache.reorder_cache(index)
+        cache = DynamicCache(config=self.model.config)
+        for layer, (keys, values) in enumerate(prompt_kv):
+            cache.update(keys[index], values[index], layer)
         return cache, prompt_mask[index], prompt_logits[index]
 
     @staticmethod

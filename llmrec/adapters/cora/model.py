@@ -145,10 +145,6 @@ class CoRAModel(FrozenModelWrapper):
 
     # --- save, load, export --------------------------------------------------------------------------------------
 
-    def adapter_state_dict(self, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-        state_dict = state_dict if state_dict is not None else self.state_dict()
-        return {name: state_dict[name].detach().cpu().contiguous() for name in self.adapter_names}
-
     def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> None:
         """adapter_config.json, adapter_model.safetensors (generator, B, gates) and the CF model (safetensors)."""
         folder = Path(folder)
