@@ -1,6 +1,7 @@
 """The `llmrec` command line.
 
     llmrec train RECIPE [key=value ...] [--overwrite]
+    llmrec federate RECIPE [key=value ...] [--overwrite]
     llmrec eval RUN_DIR [--split test|valid]
     llmrec recommend RUN_DIR --user USER_ID [-k 10]
     llmrec recipe check|show RECIPE [key=value ...] [--all]
@@ -33,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value")
     train.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
 
+    federate = commands.add_parser("federate", help="run a federated recipe on Flower's simulation engine (resumes)")
+    federate.add_argument("recipe")
+    federate.add_argument("overrides", nargs="*", metavar="key=value")
+    federate.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start over")
+
     evaluate = commands.add_parser("eval", help="evaluate a finished run again")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", choices=["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"], default=None,
@@ -49,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the format: a PEFT LoRA adapter (LoRA, CoRA) or prompt-tuning adapter (EPT, LAMP)")
     export.add_argument("--user", help="CoRA: the user whose weights are materialised")
     export.add_argument("--item", help="CoRA conditioned on (user, item): the item")
+    export.add_argument("--client", type=int, help="a federated run: this client's personal adapter (default: the "
+                        "global one)")
     export.add_argument("out", help="the new adapter folder")
 
     recipe = commands.add_parser("recipe", help="check or print a recipe")
@@ -105,7 +113,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         from llmrec.run import train
 
         recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.federated is not None:
+            raise LLMRecError("this recipe has a federated section; run it with `llmrec federate`.", args.recipe)
         train(recipe, overwrite=args.overwrite)
+    elif args.command == "federate":
+        _federate(args)
     elif args.command == "eval":
         _eval(args)
     elif args.command == "recommend":
@@ -116,7 +128,22 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.to == "peft-prompt-tuning":
             print(export_peft_prompt_tuning(args.run_dir, args.out))
         else:
-            print(export_peft_lora(args.run_dir, args.out, args.user, args.item))
+            print(export_peft_lora(args.run_dir, args.out, args.user, args.item, args.client))
+
+
+def _federate(args: argparse.Namespace) -> None:
+    from llmrec.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.federated is None:
+        raise LLMRecError("this recipe has no federated section (rule, clients, rounds); run it with `llmrec train`.",
+                          args.recipe)
+    try:
+        from llmrec.federated.run import federate
+    except ImportError as err:
+        raise LLMRecError(f"federated runs need Flower's simulation engine: pip install 'llmrec[flower]' ({err}).",
+                          "federated") from None
+    federate(recipe, overwrite=args.overwrite)
 
 
 def _recipe_command(args: argparse.Namespace) -> None:
@@ -138,6 +165,9 @@ def _data_stats(args: argparse.Namespace) -> None:
     from llmrec.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, instantiate=False)
+    if recipe.federated is not None:
+        _federated_stats(recipe)
+        return
     if recipe.data.classification is not None:  # its rows do not come from the interactions
         _classification_stats(recipe)
         return
@@ -160,6 +190,26 @@ def _data_stats(args: argparse.Namespace) -> None:
         print(f"{'train examples':>20}: {len(train)}")
     if len(train):
         print("\nexample prompt:\n" + train[0]["prompt"] + "\nexample completion:\n" + train[0]["completion"])
+
+
+def _federated_stats(recipe) -> None:
+    from collections import Counter
+
+    from llmrec.federated.client import client_rows
+
+    fed = recipe.federated
+    print(f"{'rule':>20}: {fed.rule}")
+    print(f"{'partition':>20}: by {fed.partition.by}, Dirichlet alpha {fed.partition.alpha}")
+    example = None
+    for client in range(fed.num_clients):
+        train, test = client_rows(recipe, client)
+        counts = Counter(row["category"] for row in train + test)
+        shown = ", ".join(f"{name} {n}" for name, n in counts.most_common(3))
+        top_share = counts.most_common(1)[0][1] / (len(train) + len(test))
+        print(f"{'client ' + str(client):>20}: {len(train)} train, {len(test)} test rows; {len(counts)} categories, "
+              f"top share {top_share:.2f} ({shown}{', ...' if len(counts) > 3 else ''})")
+        example = example or train[0]
+    print("\nexample prompt:\n" + example["prompt"] + "\nexample completion:\n" + example["completion"])
 
 
 def _classification_stats(recipe) -> None:

@@ -40,6 +40,7 @@ from llmrec.adapters import get_adapter
 from llmrec.data import DataConfig
 from llmrec.errors import LLMRecError, closest, did_you_mean
 from llmrec.eval import EvalConfig
+from llmrec.federated.config import FederatedConfig
 from llmrec.models import ModelConfig
 from llmrec.schema import Section
 from llmrec.trainers import get_stage
@@ -86,6 +87,9 @@ class Recipe(Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     stages: list[StageConfig] = Field(default_factory=list)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    federated: FederatedConfig | None = Field(
+        None, description="A federated run (`llmrec federate`): rule, clients, rounds, partitions, robustness."
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -111,12 +115,12 @@ class Recipe(Section):
         spec = get_stage(self.stages[index].trainer, f"stages.{index}.trainer")
         return spec.data_config.model_validate(self.stages[index].data) if spec.data_config else None
 
-    def stage_config(self, index: int, output_dir: str | Path):
-        """The stage's TRL config object."""
+    def stage_config(self, index: int, output_dir: str | Path, **overrides: Any):
+        """The stage's TRL config object (`overrides`: fields llmrec sets for this use, e.g. a federated round's)."""
         import torch
 
         spec = get_stage(self.stages[index].trainer, f"stages.{index}.trainer")
-        args = self.stage_args(index)
+        args = {**self.stage_args(index), **overrides}
         if "use_cpu" not in args and not torch.cuda.is_available():
             args["use_cpu"] = True  # also selects the gloo backend when several CPU processes are launched
         return spec.config_class(output_dir=str(output_dir), **args)
@@ -238,7 +242,7 @@ def _split_key(key: str) -> Path_:
 
 def apply_override(raw: dict, override: str, places: _Places) -> None:
     if "=" not in override:
-        raise LLMRecError(f"expected key=value, e.g. stages.0.args.learning_rate=1e-4.", f"override {override!r}")
+        raise LLMRecError("expected key=value, e.g. stages.0.args.learning_rate=1e-4.", f"override {override!r}")
     key, text = override.split("=", 1)
     where = _split_key(key.strip())
     if not key.strip() or "" in where:
@@ -517,6 +521,7 @@ def _instantiate(recipe: Recipe, places: _Places) -> None:
         needs.append((("eval", "task"), "with data.classification, trainer sft trains on classification rows; evaluate "
                       "them with eval.task: classification (or remove data.classification)."))
     needs += _text_task_needs(recipe)
+    needs += _federated_needs(recipe)
     if needs:
         first = {where: message for where, message in reversed(needs)}  # one message per place
         raise LLMRecError("\n".join(f"{places(where)}: {message}" for where, message in reversed(first.items())))
@@ -524,7 +529,8 @@ def _instantiate(recipe: Recipe, places: _Places) -> None:
 
 # evaluation task -> (its data section, what the section holds)
 TEXT_TASKS = {"reasoning": ("reasoning", "the problems and their prompt template"),
-              "preference_summary": ("summaries", "behaviours and judge")}
+              "preference_summary": ("summaries", "behaviours and judge"),
+              "instructions": ("instructions", "the instruction rows")}
 
 
 def _text_task_needs(recipe: Recipe) -> list[tuple[tuple, str]]:
@@ -534,12 +540,37 @@ def _text_task_needs(recipe: Recipe) -> list[tuple[tuple, str]]:
         present = getattr(recipe.data, section) is not None
         if recipe.eval.task == task and not present:
             needs.append((("eval", "task"), f"the {task} evaluation needs a data.{section} section ({holds})."))
-        elif recipe.eval.task != task and present:
+        elif recipe.eval.task != task and present and recipe.federated is None:  # federated runs evaluate themselves
             needs.append((("eval", "task"), f"with data.{section}, the stages train on that task; evaluate it with "
                           f"eval.task: {task} (or remove data.{section})."))
-    sections = [name for name in ("classification", "reasoning", "summaries") if getattr(recipe.data, name) is not None]
+    if recipe.eval.task == "instructions" and recipe.eval.splits != ["test"]:
+        needs.append((("eval", "splits"), "the instruction task has a test split only (eval.splits: [test])."))
+    sections = [name for name in ("classification", "reasoning", "summaries", "instructions") if getattr(recipe.data, name) is not None]
     if len(sections) > 1:
         needs.append((("data", sections[1]), f"a recipe has one text task, not data.{' and data.'.join(sections)}."))
+    return needs
+
+
+def _federated_needs(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """A federated recipe trains one SFT stage locally with the adapter its rule works on, on data it can deal out."""
+    fed = recipe.federated
+    if fed is None:
+        return []
+    from llmrec.federated.rules import build_rule
+
+    needs = []
+    rule = build_rule(fed.rule)
+    if recipe.adapter.method != rule.adapter:
+        needs.append((("adapter", "method"), f"federated.rule {fed.rule!r} works on adapter.method {rule.adapter!r}, "
+                      f"not {recipe.adapter.method!r}."))
+    if len(recipe.stages) != 1 or recipe.stages[0].trainer != "sft":
+        needs.append((("stages",), "a federated recipe has one stage, `trainer: sft`: the clients' local training "
+                      "(its max_steps = local steps per round)."))
+    elif "max_steps" not in recipe.stages[0].args:
+        needs.append((("stages", 0, "args"), "set max_steps: the number of local training steps per round."))
+    if fed.partition.by == "category" and recipe.data.instructions is None:
+        needs.append((("federated", "partition", "by"), "partitions by category deal out the examples of "
+                      "data.instructions; add that section (or partition by user_group)."))
     return needs
 
 

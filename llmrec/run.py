@@ -138,9 +138,9 @@ def _callbacks():
     return [CommitCheckpoint(), StepReport()]
 
 
-def _tokenizer_texts(recipe: Recipe, data: RecData):
+def tokenizer_texts(recipe: Recipe, data: RecData):
     """What a tiny model's tokenizer is trained on: the titles, the prompt templates (repeated so their words
-    become whole tokens) and, with a classification or reasoning task, its rows."""
+    become whole tokens) and, with a classification, reasoning, summary or instruction task, its rows."""
     task = recipe.data.task
     fixed = [task.prompt_template.replace("{history}", task.history_separator.join(["{title}"] * 2))]
     if recipe.data.ctr is not None:
@@ -162,12 +162,16 @@ def _tokenizer_texts(recipe: Recipe, data: RecData):
             from llmrec.data import summaries_tokenizer_texts
 
             rows = summaries_tokenizer_texts(recipe.data.summaries, recipe.run.seed, data)
+        if recipe.data.instructions is not None:
+            from llmrec.data import instruction_tokenizer_texts
+
+            rows = instruction_tokenizer_texts(recipe.data.instructions, recipe.run.seed)
         return [*data.titles.values(), *(fixed * 200), *rows]
 
     return texts
 
 
-def _check_same_recipe(run: RunDir, recipe: Recipe) -> None:
+def check_same_recipe(run: RunDir, recipe: Recipe) -> None:
     # The stored recipe goes through today's schema too, so a field added to llmrec since (with its default) is
     # not a difference.
     stored = yaml.safe_load(load_recipe(run.recipe_file, instantiate=False).to_yaml())
@@ -209,7 +213,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
             shutil.rmtree(run.path)
         state.wait_for_everyone()
     if run.recipe_file.is_file():
-        _check_same_recipe(run, recipe)
+        check_same_recipe(run, recipe)
         if run.is_complete():
             logger.info(f"{run.path} is already complete; its metrics:")
             metrics = run.metrics()
@@ -240,7 +244,7 @@ def _load_model(recipe: Recipe, run: RunDir, data: RecData, state):
 
     with state.main_process_first():
         model, tokenizer = load_base(
-            recipe.model, run.base, _tokenizer_texts(recipe, data), recipe.run.seed, state.is_main_process
+            recipe.model, run.base, tokenizer_texts(recipe, data), recipe.run.seed, state.is_main_process
         )
     return model, tokenizer
 
@@ -311,6 +315,10 @@ def evaluate_split(model, tokenizer, data: RecData, recipe: Recipe, split: str) 
         from llmrec.eval.preference_summary import evaluate_summaries
 
         return evaluate_summaries(model, tokenizer, data, recipe, split)
+    if recipe.eval.task == "instructions":
+        from llmrec.eval.instructions import evaluate_instructions
+
+        return evaluate_instructions(model, tokenizer, recipe, split)
     from llmrec.eval.ranking import evaluate_ranking
 
     return evaluate_ranking(model, tokenizer, data, recipe.data.task, recipe.eval, recipe.run.seed, split, recipe.data.shifts)
@@ -441,6 +449,9 @@ def print_summary(metrics: dict, recipe: Recipe, splits: list[str] | None = None
     if recipe.eval.task == "preference_summary":
         _print_summary_accuracy(metrics, splits or recipe.eval.splits)
         return
+    if recipe.eval.task == "instructions":
+        _print_instruction_summary(metrics, splits or recipe.eval.splits)
+        return
     for split in splits or recipe.eval.splits:
         names = [("model", f"{split}/")] + [(name, baseline_prefix(name, split)) for name in recipe.eval.baselines]
         columns = [f"{m}@{k}" for k in sorted(recipe.eval.ks) for m in ("hr", "ndcg")]
@@ -493,6 +504,17 @@ def _print_reasoning_summary(metrics: dict, splits: list[str], recipe: Recipe) -
               f"{metrics[f'{split}/samples']} samples each at temperature {recipe.eval.temperature}:")
         print("".join(f"{c.removesuffix('_accuracy'):>12}" for c in columns))
         print("".join(f"{metrics[f'{split}/{c}']:>12.4f}" for c in columns))
+
+
+def _print_instruction_summary(metrics: dict, splits: list[str]) -> None:
+    for split in splits:
+        if f"{split}/exact_match" not in metrics:
+            continue
+        print(f"\n{split} instructions: {metrics[f'{split}/rows']} rows")
+        print(f"{'exact_match':>12}{'rouge_l':>12}{'loss':>12}")
+        print("".join(f"{metrics[f'{split}/{m}']:>12.4f}" for m in ("exact_match", "rouge_l", "loss")))
+        categories = sorted(k.rsplit("/", 1)[1] for k in metrics if k.startswith(f"{split}/exact_match/"))
+        print("by category: " + ", ".join(f"{c} {metrics[f'{split}/exact_match/{c}']:.2f}" for c in categories))
 
 
 def _print_summary_accuracy(metrics: dict, splits: list[str]) -> None:

@@ -98,7 +98,7 @@ def main() -> None:
     tokenizer = train_tokenizer(titles + [f"History:\n{history_text}{ANCHOR}"] * 100, args.vocab)
     model = build_tiny_model(args.preset, tokenizer, args.seed).eval()
     rng = random.Random(args.seed)
-    prompts = [f"History:\n" + "\n".join(rng.sample(titles[:1000], 5)) + ANCHOR for _ in range(args.users)]
+    prompts = ["History:\n" + "\n".join(rng.sample(titles[:1000], 5)) + ANCHOR for _ in range(args.users)]
     warm_up = CatalogTrie.from_titles(tokenizer, {f"i{k}": t for k, t in enumerate(titles[:100])}, ANCHOR)
     rank_with_model(model, tokenizer, warm_up, prompts, None, args.beams, args.batch_size, False)
 

@@ -25,6 +25,7 @@ from llmrec.errors import LLMRecError, did_you_mean
 ADAPTERS: dict[str, str] = {
     "lora": "llmrec.adapters.stock:LORA",
     "cora": "llmrec.adapters.cora:CORA",
+    "fedlora": "llmrec.adapters.fedlora:FEDLORA",
     "ept": "llmrec.adapters.ept:EPT",
     "lamp": "llmrec.adapters.lamp:LAMP",
     "prompt_tuning": "llmrec.adapters.stock:PROMPT_TUNING",

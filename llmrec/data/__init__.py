@@ -16,6 +16,7 @@ from llmrec.schema import Section
 from .classification import ClassificationTaskConfig, classification_examples, classification_tokenizer_texts
 from .ctr import CTRTaskConfig, ctr_examples, ctr_tokenizer_texts
 from .filters import FilterConfig, apply_filters
+from .instructions import InstructionTaskConfig, instruction_tokenizer_texts
 from .loaders import AmazonSource, MovieLens1MSource, MovieLens100KSource, RecBoleSource, TableSource
 from .preference_summaries import PreferenceSummaryTaskConfig, summaries_tokenizer_texts
 from .preferences import PreferenceDataConfig, pairwise_rows, preference_examples
@@ -53,6 +54,11 @@ class DataConfig(Section):
         "the synthesis of SFT data; `trainer: alignxplore_sft` then `alignxplore` train on them and "
         "`eval.task: preference_summary` measures judge accuracy.",
     )
+    instructions: InstructionTaskConfig | None = Field(
+        None,
+        description="Instruction examples with categories (a synthetic world, or Dolly-15k-style JSON Lines) that "
+        "`llmrec federate` deals to clients by category; the interactions are loaded but not used.",
+    )
     classification: ClassificationTaskConfig | None = Field(
         None,
         description="A text-classification task (label-word scoring): `trainer: sft` trains on its rows instead of "
@@ -81,6 +87,7 @@ __all__ = [
     "ClassificationTaskConfig",
     "DataConfig",
     "FilterConfig",
+    "InstructionTaskConfig",
     "NextItemTaskConfig",
     "OOD_SPLITS",
     "PreferenceDataConfig",
@@ -95,6 +102,7 @@ __all__ = [
     "classification_tokenizer_texts",
     "ctr_examples",
     "ctr_tokenizer_texts",
+    "instruction_tokenizer_texts",
     "load_data",
     "reasoning_examples",
     "reasoning_tokenizer_texts",

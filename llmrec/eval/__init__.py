@@ -14,12 +14,13 @@ from llmrec.schema import Section
 class EvalConfig(Section):
     """`eval`: how the trained model is evaluated at the end of a run (and by `llmrec eval`)."""
 
-    task: Literal["ranking", "ctr", "classification", "reasoning", "preference_summary"] = Field(
+    task: Literal["ranking", "ctr", "classification", "reasoning", "preference_summary", "instructions"] = Field(
         "ranking",
         description="'ranking': next-item ranking over the catalog; 'ctr': Yes/No like prediction (needs data.ctr); "
         "'classification': accuracy by label-word scoring (needs data.classification; splits test and valid); "
         "'reasoning': mean and majority-vote accuracy of sampled solutions (needs data.reasoning); "
-        "'preference_summary': judge accuracy given the model's user summaries (needs data.summaries).",
+        "'preference_summary': judge accuracy given the model's user summaries (needs data.summaries); "
+        "'instructions': exact match, ROUGE-L and loss of greedy responses (needs data.instructions; split test).",
     )
     splits: list[Literal["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"]] = Field(
         default_factory=lambda: ["test"], min_length=1, description="Which targets to rank (ood_<kind> needs that shift)."

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> None:
     order = ("test", "ood_popularity", "ood_temporal", "ood_environment", "valid")
     splits = [split for split in order
-              if any(k.startswith((f"{split}/hr@", f"{split}/auc")) or k == f"{split}/accuracy" for k in metrics)]
+              if any(k.startswith((f"{split}/hr@", f"{split}/auc")) or k in (f"{split}/accuracy", f"{split}/exact_match")
+                     for k in metrics)]
     figure, axes = plt.subplots(1, 1 + len(splits), figsize=(6 * (1 + len(splits)), 4.5), squeeze=False)
     loss_axis, metric_axes = axes[0][0], axes[0][1:]
     offset = 0
@@ -40,6 +41,8 @@ def draw_curves(path: Path, histories: dict[str, list[dict]], metrics: dict) -> 
             bars = _reasoning_bars
         elif f"{split}/no_summary" in metrics:
             bars = _summary_bars
+        elif f"{split}/exact_match" in metrics:
+            bars = _instruction_bars
         else:
             bars = _ranking_bars
         bars(axis, metrics, split)
@@ -91,6 +94,14 @@ def _reasoning_bars(axis, metrics: dict, split: str) -> None:
     names = {"mean_accuracy": f"mean@{n}", "majority_accuracy": f"maj@{n}", "pass_accuracy": f"pass@{n}"}
     axis.bar(list(names.values()), [metrics.get(f"{split}/{key}", 0.0) for key in names])
     axis.set(title=f"Reasoning accuracy ({split})", ylabel="accuracy", ylim=(0, 1))
+
+
+def _instruction_bars(axis, metrics: dict, split: str) -> None:
+    categories = sorted(k.rsplit("/", 1)[1] for k in metrics if k.startswith(f"{split}/exact_match/"))
+    names = ["all", *categories]
+    axis.bar(names, [metrics[f"{split}/exact_match"], *(metrics[f"{split}/exact_match/{c}"] for c in categories)])
+    axis.tick_params(axis="x", labelrotation=60)
+    axis.set(title=f"Instruction exact match ({split})", ylabel="exact match", ylim=(0, 1))
 
 
 def _summary_bars(axis, metrics: dict, split: str) -> None:

@@ -112,6 +112,17 @@ def _reasoning_results(metrics: dict, recipe: Recipe) -> str:
     return "\n".join(sections)
 
 
+def _instruction_results(metrics: dict) -> str:
+    sections = []
+    for split, name in SPLIT_NAMES.items():
+        if f"{split}/exact_match" not in metrics:
+            continue
+        rows = ["| exact match | ROUGE-L | loss |", "|---|---|---|",
+                "| " + " | ".join(f"{metrics[f'{split}/{k}']:.4f}" for k in ("exact_match", "rouge_l", "loss")) + " |"]
+        sections.append(f"## Results: {name} ({metrics[f'{split}/rows']} rows)\n\n" + "\n".join(rows) + "\n")
+    return "\n".join(sections)
+
+
 def _summary_results(metrics: dict) -> str:
     sections = []
     for population in ("test", "valid", "ood"):
@@ -147,6 +158,8 @@ logit after the prompt.""",
     "preference_summary": """A preference-summary model trained with [llmrec](https://github.com/llmrec/llmrec) (AlignXplore+): it reads a
 user's (query, chosen, rejected) behaviours and an optional past summary, thinks, and writes a natural-language
 summary of the user's preferences that any judge model can read.""",
+    "instructions": """An instruction follower trained with [llmrec](https://github.com/llmrec/llmrec): the model reads an instruction
+(and a context) and writes a short response; exact match and ROUGE-L compare its greedy responses with the references.""",
     "reasoning": """A problem solver trained with [llmrec](https://github.com/llmrec/llmrec): the model writes a worked solution that ends
 in its final answer; accuracy compares the extracted answers of sampled solutions with the true ones.""",
 }
@@ -156,6 +169,15 @@ def _notes(recipe: Recipe, path: Path) -> str:
     if recipe.eval.task == "preference_summary":
         return f"""Judge accuracy is the share of held-out (query, chosen, rejected) questions the judge answers correctly from
 the summary alone; "streaming" updates the summary with newer behaviours first.
+
+## Use
+
+```bash
+llmrec eval {path.parent}
+```"""
+    if recipe.eval.task == "instructions":
+        return f"""Answers are compared after lowercasing and removing punctuation; the loss is the mean negative
+log-likelihood per reference response token.
 
 ## Use
 
@@ -208,6 +230,12 @@ def _data_line(recipe: Recipe, data: RecData) -> str:
     if recipe.data.summaries is not None:
         source = recipe.data.summaries.behaviours
         return f"- **Data:** {source.source} behaviours; judge: {recipe.data.summaries.judge.kind}."
+    if recipe.data.instructions is not None:
+        config = recipe.data.instructions
+        source = config.path if config.source == "jsonl" else (
+            f"synthetic instruction world, {config.categories} categories x {config.examples_per_category} rows"
+            f"{f', world seed {config.world_seed}' if config.world_seed is not None else ''}")
+        return f"- **Data:** {source}; {config.test_fraction:.0%} held out for testing."
     if recipe.data.reasoning is not None:
         config = recipe.data.reasoning
         return (f"- **Data:** {config.source} problems ({config.train_size} train, {config.test_size} test"
@@ -224,10 +252,13 @@ def _results_of(metrics: dict, recipe: Recipe) -> str:
         return _reasoning_results(metrics, recipe)
     if recipe.eval.task == "preference_summary":
         return _summary_results(metrics)
+    if recipe.eval.task == "instructions":
+        return _instruction_results(metrics)
     return _results(metrics, recipe) if recipe.eval.task == "ranking" else _ctr_results(metrics)
 
 
-_TAGS = {"classification": "text-classification", "reasoning": "reasoning", "preference_summary": "personalization"}
+_TAGS = {"classification": "text-classification", "reasoning": "reasoning", "preference_summary": "personalization",
+         "instructions": "instruction-tuning"}
 
 
 def write_card(path: Path, recipe: Recipe, data: RecData, metrics: dict) -> None:

@@ -4,7 +4,9 @@ without llmrec.
 `--to peft-prompt-tuning`: an EPT or LAMP run's final prompt as a PEFT prompt-tuning adapter (exact for LAMP and
 for EPT/DePT without position offsets; refused, with the reason, otherwise).
 
-A LoRA run's final adapter already is one and is copied. A CoRA run's weights depend on the user (and item), so the
+A LoRA run's final adapter already is one and is copied; a FedLoRA run's A and B are materialised. A federated
+run's final/ (the global adapter) already is one; `--client K` exports client K's personal adapter (the global
+tensors and the tensors its rule kept on the client). A CoRA run's weights depend on the user (and item), so the
 export materialises them for one user (`conditioning: user`) or one user–item pair: lora_A = A(u, i) and
 lora_B = (α / r) · tanh(g) · B with scaling 1, which gives the same logits as the CoRA model for that input.
 """
@@ -49,11 +51,26 @@ def export_peft_prompt_tuning(run_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = None, item: str | None = None) -> Path:
+def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = None, item: str | None = None,
+                     client: int | None = None) -> Path:
     from llmrec.run import load_trained
 
     run, recipe, out = _finished_run(run_dir, out)
     method = recipe.adapter.method
+    if recipe.federated is not None:
+        from llmrec.federated.run import export_client
+
+        if user or item:
+            raise LLMRecError("a federated run's adapters are per client, not per user; use --client.", "--user")
+        return export_client(run, recipe, out, client)
+    if client is not None:
+        raise LLMRecError("--client is for federated runs (`llmrec federate`).", "--client")
+    if method == "fedlora":
+        _, _, model, tokenizer, _ = load_trained(run_dir)
+        with atomic_dir(out) as tmp:
+            model.to_peft_lora(tmp)
+            tokenizer.save_pretrained(tmp)
+        return out
     if method not in ("lora", "cora"):
         raise LLMRecError(f"only LoRA and CoRA runs export to a PEFT LoRA adapter; this run's adapter is {method!r}"
                           f"{' (use --to peft-prompt-tuning)' if method in ('ept', 'lamp') else ''}.", "adapter.method")

@@ -1,6 +1,7 @@
 """SFT: TRL's `SFTTrainer` unchanged, trained on next-item prompt–completion examples (BIGRec-style), on the
-rows of a text-classification task when the recipe sets `data.classification`, or on worked solutions of the
-training problems when it sets `data.reasoning`.
+rows of a text-classification task when the recipe sets `data.classification`, on worked solutions of the
+training problems when it sets `data.reasoning`, or on instruction rows when it sets `data.instructions` (the
+training share of the centralised split; federated clients build their own rows).
 
 The loss covers the completion only (TRL's default for prompt–completion data): the model learns to write the
 next item's title, then EOS, given the history; or, for classification, the class's label word, then EOS, given
@@ -21,6 +22,16 @@ def build_datasets(context: StageContext):
     """Next-item examples; with `data.classification`, that task's rows instead (train, and valid for evaluation
     during training), after checking that the label words start with distinct tokens, which scoring needs."""
     recipe = context.recipe
+    if recipe.data.instructions is not None:
+        from datasets import Dataset
+
+        from llmrec.data.instructions import instruction_split
+
+        def rows(split: str):
+            return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                      for r in instruction_split(recipe.data.instructions, recipe.run.seed, split)])
+
+        return rows("train"), rows("test") if context.wants_eval else None
     if recipe.data.reasoning is not None:
         from llmrec.data import reasoning_examples
 
