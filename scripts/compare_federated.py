@@ -60,7 +60,7 @@ def _mean_std(values: list[float]) -> str:
 def table(results: dict) -> str:
     lines = ["| rule | lr | global EM | local EM | global loss | local loss | MB up / round | MB down / round | s / run |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(results, key=lambda k: (list(RECIPES).index(k.split("@")[0]), k)):
+    for key in sorted(results, key=lambda k: (list(RECIPES).index(k.split("@")[0]), float(k.split("@")[1]))):
         rule, lr = key.split("@")
         seeds = results[key]
         column = {name: [row[name] for row in seeds.values()] for name in next(iter(seeds.values()))}
