@@ -153,7 +153,7 @@ def test_the_exported_peft_lora_adapter_gives_the_fedlora_logits_and_generations
         r=4, target_modules=config.target_modules, task_type="CAUSAL_LM")))
     written = load_file(folder / "adapter_model.safetensors")
     assert {k: v.shape for k, v in written.items()} == {k: v.shape for k, v in reference.items()}
-    with pytest.raises(LLMRecError, match="describes a LORA adapter, not FedLoRA"):
+    with pytest.raises(LLMRecError, match="describes a LORA adapter, not FEDLORA"):
         FedLoRAModel.from_pretrained(copy.deepcopy(base), folder)
 
 

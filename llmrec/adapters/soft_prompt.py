@@ -37,20 +37,16 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from llmrec.errors import LLMRecError
-from llmrec.files import atomic_save_file, read_json, write_json
+from llmrec.files import atomic_save_file
 
-from .wrapper import FrozenModelWrapper
+from .wrapper import WEIGHTS_NAME, FrozenModelWrapper
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 FROZEN = "language_model."
 
 
@@ -134,23 +130,6 @@ class SoftPromptModel(FrozenModelWrapper, abc.ABC):
     @property
     def adapter_names(self) -> list[str]:
         return [name for name, _ in self.named_parameters() if not name.startswith(FROZEN)]
-
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
-
-    def add_model_tags(self, tags) -> None:
-        self.language_model.add_model_tags(tags)
-
-    def activation_checkpointing_enable(self, **kwargs) -> None:
-        # the prompt makes the embeddings require grad, which is what checkpointed layers need from their input
-        self.language_model.activation_checkpointing_enable(**kwargs)
-
-    def activation_checkpointing_disable(self) -> None:
-        self.language_model.activation_checkpointing_disable()
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        return self.language_model.is_activation_checkpointing
 
     # --- the extended input ----------------------------------------------------------------------------------------
 
@@ -281,43 +260,16 @@ class SoftPromptModel(FrozenModelWrapper, abc.ABC):
 
     def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> None:
         """adapter_config.json and adapter_model.safetensors (every trainable tensor), each written atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_file(self.adapter_state_dict(state_dict), folder / WEIGHTS_NAME)
-        write_json(folder / CONFIG_NAME, {**self.prompt_config.to_dict(),
-                                          "base_model_name_or_path": getattr(self.config, "_name_or_path", None)})
+        self.write_adapter_folder(folder, self.prompt_config.to_dict(), state_dict)
 
     @classmethod
     def from_pretrained(cls, language_model: nn.Module, folder: str | Path, trainable: bool = False):
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-            raise LLMRecError(f"not an {cls.adapter_type} adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}).",
-                              str(folder))
-        stored = read_json(folder / CONFIG_NAME)
-        if stored.get("adapter_type") != cls.adapter_type:
-            found = stored.get("adapter_type") or stored.get("peft_type")
-            raise LLMRecError(f"{CONFIG_NAME} describes a {found} adapter, not {cls.adapter_type}.", str(folder))
-        config = cls.config_class(**{f.name: stored[f.name] for f in fields(cls.config_class) if f.name in stored})
-        model = cls(language_model, config)
+        model = cls(language_model, cls.read_adapter_config(folder, cls.config_class))
         model.load_adapter_weights(folder)
         model.train(trainable)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(trainable and not name.startswith(FROZEN))
         return model
-
-    def load_adapter_weights(self, folder: str | Path) -> None:
-        weights = load_file(str(Path(folder) / WEIGHTS_NAME))
-        missing = set(self.adapter_names) - set(weights)
-        if missing:
-            raise LLMRecError(f"the {self.adapter_type} weights lack {len(missing)} tensors (e.g. {sorted(missing)[0]}); "
-                              "the adapter was saved with another configuration.", str(folder))
-        mine = self.state_dict()
-        for name in self.adapter_names:
-            if weights[name].shape != mine[name].shape:
-                raise LLMRecError(f"{name} has shape {tuple(weights[name].shape)} in the saved adapter but "
-                                  f"{tuple(mine[name].shape)} here; the adapter was saved for another base model.",
-                                  str(folder))
-        self.load_state_dict({name: weights[name] for name in self.adapter_names}, strict=False)
 
     @torch.no_grad()
     def to_peft_prompt_tuning(self, folder: str | Path) -> Path:

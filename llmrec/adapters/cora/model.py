@@ -22,25 +22,22 @@ Choices where the paper is silent (see also `CoRAConfig`):
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from llmrec.errors import LLMRecError
-from llmrec.files import atomic_save_file, read_json, write_json
+from llmrec.files import atomic_save_file
 from llmrec.logs import get_logger
 
-from ..wrapper import FrozenModelWrapper
+from ..wrapper import WEIGHTS_NAME, FrozenModelWrapper
 from .config import TARGET_PRESETS, CoRAConfig
 from .layer import CoRALinear, QueryGenerator
 
 logger = get_logger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
@@ -65,6 +62,7 @@ class CoRAModel(FrozenModelWrapper):
     """The base model with CoRA layers; `forward` takes `cf_users` (and `cf_items`) as CF row indices."""
 
     frozen_attribute = "base_model"
+    adapter_type = "CORA"
 
     def __init__(self, base_model: nn.Module, config: CoRAConfig, cf):
         super().__init__()
@@ -147,38 +145,19 @@ class CoRAModel(FrozenModelWrapper):
 
     def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> None:
         """adapter_config.json, adapter_model.safetensors (generator, B, gates) and the CF model (safetensors)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_file(self.adapter_state_dict(state_dict), folder / WEIGHTS_NAME)
-        write_json(folder / CONFIG_NAME, {**self.cora_config.to_dict(),
-                                          "base_model_name_or_path": getattr(self.config, "_name_or_path", None)})
-        self.cf.save(folder)
+        self.write_adapter_folder(folder, self.cora_config.to_dict(), state_dict)
+        self.cf.save(Path(folder))
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, folder: str | Path, trainable: bool = False) -> CoRAModel:
         from llmrec.cf import CFModel
 
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-            raise LLMRecError(f"not a CoRA adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}).", str(folder))
-        stored = read_json(folder / CONFIG_NAME)
-        if stored.get("adapter_type") != "CORA":
-            raise LLMRecError(f"{CONFIG_NAME} describes a {stored.get('adapter_type') or stored.get('peft_type')} adapter, not CoRA.", str(folder))
-        config = CoRAConfig(**{f.name: stored[f.name] for f in fields(CoRAConfig) if f.name in stored})
-        model = cls(base_model, config, CFModel.load(folder))
+        model = cls(base_model, cls.read_adapter_config(folder, CoRAConfig), CFModel.load(Path(folder)))
         model.load_adapter_weights(folder)
         model.train(trainable)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(trainable and name in model.adapter_names)
         return model
-
-    def load_adapter_weights(self, folder: str | Path) -> None:
-        weights = load_file(str(Path(folder) / WEIGHTS_NAME))
-        missing = set(self.adapter_names) - set(weights)
-        if missing:
-            raise LLMRecError(f"the CoRA weights lack {len(missing)} tensors (e.g. {sorted(missing)[0]}); the adapter was saved "
-                              "for another model or configuration.", str(folder))
-        self.load_state_dict(weights, strict=False)
 
     @torch.no_grad()
     def to_peft_lora(self, folder: str | Path, user: str, item: str | None = None) -> Path:

@@ -35,27 +35,24 @@ forward and `generate` all see them.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from llmrec.errors import LLMRecError
-from llmrec.files import atomic_save_file, read_json, write_json
+from llmrec.files import atomic_save_file
 
 from ..cora.model import find_targets
-from ..wrapper import FrozenModelWrapper
+from ..wrapper import WEIGHTS_NAME, FrozenModelWrapper
 from .config import FedLoRAConfig
 from .layer import PARAMETERS, FedLoRALinear
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class FedLoRAModel(FrozenModelWrapper):
     """A frozen causal LM whose target linear layers are `FedLoRALinear`; only their four tensors train."""
+
+    adapter_type = "FEDLORA"
 
     def __init__(self, language_model: nn.Module, config: FedLoRAConfig):
         super().__init__()
@@ -86,23 +83,6 @@ class FedLoRAModel(FrozenModelWrapper):
     def generation_config(self):
         return self.language_model.generation_config
 
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
-
-    def add_model_tags(self, tags) -> None:
-        self.language_model.add_model_tags(tags)
-
-    def activation_checkpointing_enable(self, **kwargs) -> None:
-        # the frozen model also makes its input embeddings require grad, so checkpointed layers pass gradients on
-        self.language_model.activation_checkpointing_enable(**kwargs)
-
-    def activation_checkpointing_disable(self) -> None:
-        self.language_model.activation_checkpointing_disable()
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        return self.language_model.is_activation_checkpointing
-
     def forward(self, *args, **kwargs):
         return self.language_model(*args, **kwargs)
 
@@ -121,42 +101,16 @@ class FedLoRAModel(FrozenModelWrapper):
 
     def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> None:
         """adapter_config.json and adapter_model.safetensors (the four tensors of every layer), written atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_file(self.adapter_state_dict(state_dict), folder / WEIGHTS_NAME)
-        write_json(folder / CONFIG_NAME, {**self.fedlora_config.to_dict(),
-                                          "base_model_name_or_path": getattr(self.config, "_name_or_path", None)})
+        self.write_adapter_folder(folder, self.fedlora_config.to_dict(), state_dict)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, folder: str | Path, trainable: bool = False) -> FedLoRAModel:
-        folder = Path(folder)
-        if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-            raise LLMRecError(f"not a FedLoRA adapter folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}).", str(folder))
-        stored = read_json(folder / CONFIG_NAME)
-        if stored.get("adapter_type") != "FEDLORA":
-            found = stored.get("adapter_type") or stored.get("peft_type")
-            raise LLMRecError(f"{CONFIG_NAME} describes a {found} adapter, not FedLoRA.", str(folder))
-        config = FedLoRAConfig(**{f.name: stored[f.name] for f in fields(FedLoRAConfig) if f.name in stored})
-        model = cls(base_model, config)
+        model = cls(base_model, cls.read_adapter_config(folder, FedLoRAConfig))
         model.load_adapter_weights(folder)
         model.train(trainable)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(trainable and name in model.adapter_names)
         return model
-
-    def load_adapter_weights(self, folder: str | Path) -> None:
-        weights = load_file(str(Path(folder) / WEIGHTS_NAME))
-        missing = set(self.adapter_names) - set(weights)
-        if missing:
-            raise LLMRecError(f"the FedLoRA weights lack {len(missing)} tensors (e.g. {min(missing)}); the adapter was "
-                              "saved for another model or configuration.", str(folder))
-        mine = self.state_dict()
-        for name in self.adapter_names:
-            if weights[name].shape != mine[name].shape:
-                raise LLMRecError(f"{name} has shape {tuple(weights[name].shape)} in the saved adapter but "
-                                  f"{tuple(mine[name].shape)} here; the adapter was saved for another base model.",
-                                  str(folder))
-        self.load_state_dict({name: weights[name] for name in self.adapter_names}, strict=False)
 
     @torch.no_grad()
     def to_peft_lora(self, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
