@@ -163,6 +163,11 @@ def test_recipe_errors_name_the_key(tmp_path):
         load_recipe(path, ["federated.faults.crash=[[1, 5]]"])
     with pytest.raises(LLMRecError, match="max_steps"):
         load_recipe(path, ["stages.0.args={learning_rate: 0.001}"])
+    from llmrec.federated.run import federate
+
+    with pytest.raises(LLMRecError, match="no model folder at .*run that recipe first"):
+        federate(load_recipe(path, [f"model.name={tmp_path}/runs/base-run/final"]))
+    assert not (tmp_path / "runs" / "fed").exists()  # nothing written that a corrected rerun would refuse
     from llmrec.cli import main
 
     assert main(["train", str(path)]) == 2  # a federated recipe runs with `llmrec federate`

@@ -68,7 +68,8 @@ def with_absolute_paths(recipe):
 
 
 def prepare(recipe, overwrite: bool = False):
-    """The run directory with recipe.yaml (refusing a different recipe)."""
+    """The run directory, refusing one that holds a different recipe; its recipe.yaml is written by `start` once
+    the model has loaded, so a recipe that cannot start leaves nothing to be refused later."""
     from llmrec.run import check_same_recipe
 
     run = _run_dir(recipe)
@@ -77,10 +78,15 @@ def prepare(recipe, overwrite: bool = False):
         shutil.rmtree(run.path)
     if run.recipe_file.is_file():
         check_same_recipe(run, recipe)
-    run.path.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def start(run, recipe):
+    """(model, tokenizer, initial adapter tensors), building a tiny base into the run directory; then recipe.yaml."""
+    loaded = initial_model(recipe, run.base, run.path)
     if not run.recipe_file.is_file():
         write_text(run.recipe_file, recipe.to_yaml())
-    return run
+    return loaded
 
 
 def serve(recipe, grid) -> None:
@@ -93,9 +99,9 @@ def serve(recipe, grid) -> None:
     run = prepare(recipe)
     fed = recipe.federated
     random.seed(recipe.run.seed)  # Flower samples clients with Python's random
+    model, tokenizer, initial = start(run, recipe)
     run.set_status("running")
     try:
-        model, tokenizer, initial = initial_model(recipe, run.base, run.path)
         rule = build_rule(fed.rule, lora_scaling(model))
         done = completed_rounds(run)
         if done:
@@ -137,8 +143,7 @@ def federate(recipe, overwrite: bool = False) -> dict:
         print_summary(run.metrics(), recipe)
         return run.metrics()
     fed = recipe.federated
-    # a tiny base model is built once here, so the virtual clients only load it
-    initial_model(recipe, run.base, run.path)
+    start(run, recipe)  # a tiny base model is built once here, so the virtual clients only load it
     server_app = ServerApp()
     failure: list[BaseException] = []
 

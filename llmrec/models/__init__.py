@@ -81,6 +81,11 @@ def load_base(
     else:
         source = config.name
         options = {"trust_remote_code": config.trust_remote_code, "revision": config.revision}
+        folder = Path(source).expanduser()
+        if (source.startswith((".", "/", "~")) or source.count("/") > 1) and not folder.is_dir():
+            # a Hub id has one slash; anything else is a folder, and the Hub's own error would hide that
+            raise LLMRecError(f"no model folder at {folder.resolve()}. If it is another run's final/ (e.g. a base "
+                              "model recipe's), run that recipe first.", "model.name")
     quantization = {}
     if config.quantization:
         from transformers import BitsAndBytesConfig
