@@ -172,7 +172,7 @@ def test_local_folders_load_with_dtype_and_attention_options(model, tokenizer, t
     assert loaded.dtype == torch.bfloat16 and loaded.config._attn_implementation == "eager"
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert not (tmp_path / "unused").exists()
-    with pytest.raises(LLMRecError, match="model.name: could not load model"):
+    with pytest.raises(LLMRecError, match="model.name: no model folder at .*missing"):
         load_base(ModelConfig(name=str(tmp_path / "missing")), tmp_path / "unused", list, 0, True)
 
 
