@@ -92,7 +92,7 @@ class AdapterStrategy(FedAvg):
                 continue
             accepted.append(update)
             weights.append(float(metrics["num-examples"]))
-            clients.append({"client": client, **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}})
+            clients.append({**{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, "client": client})
         missing = self.sampled - len(replies)
         for failure in failed:
             logger.warning(f"round {server_round}: a client failed: {failure['reason'].strip().splitlines()[-1]}")
