@@ -116,7 +116,11 @@ class AggregationRule:
         """The next global tensors from this round's uploads (`previous`: the current global tensors)."""
         if not updates or not self.uploads:
             return dict(previous)
-        p = normalised_weights(weights)
+        return self.combine(updates, normalised_weights(weights), previous)
+
+    def combine(self, updates: list[dict[str, torch.Tensor]], p: list[float],
+                previous: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rule's own arithmetic, given at least one update and the weights p_k (summing to 1)."""
         return {name: weighted_mean([u[name] for u in updates], p) for name in updates[0]}
 
 
@@ -124,10 +128,7 @@ class AggregationRule:
 class FedLoRAOptimizerRule(AggregationRule):
     """Directions averaged as unit rows and re-normalised; A's magnitudes averaged; B's magnitudes never leave."""
 
-    def aggregate(self, updates, weights, previous):
-        if not updates:
-            return dict(previous)
-        p = normalised_weights(weights)
+    def combine(self, updates, p, previous):
         out = {}
         for name in updates[0]:
             tensors = [u[name] for u in updates]
@@ -147,10 +148,7 @@ class FLoRARule(AggregationRule):
 
     scaling: float = 1.0
 
-    def aggregate(self, updates, weights, previous):
-        if not updates:
-            return dict(previous)
-        p = normalised_weights(weights)
+    def combine(self, updates, p, previous):
         out = {}
         for name in updates[0]:
             kind = tensor_kind(name)

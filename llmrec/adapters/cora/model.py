@@ -58,6 +58,22 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]
     return found
 
 
+def replace_targets(model: nn.Module, target_modules: str | list[str], make_layer) -> tuple[list[str], list[nn.Module]]:
+    """Freeze `model` and put `make_layer(linear)` in place of each target linear layer, on that layer's device:
+    (the targets' dotted names, the new layers)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    names, layers = find_targets(model, target_modules), []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        layer = make_layer(linear).to(linear.weight.device)
+        setattr(parent, child, layer)
+        layers.append(layer)
+    return names, layers
+
+
 class CoRAModel(FrozenModelWrapper):
     """The base model with CoRA layers; `forward` takes `cf_users` (and `cf_items`) as CF row indices."""
 
@@ -67,17 +83,10 @@ class CoRAModel(FrozenModelWrapper):
     def __init__(self, base_model: nn.Module, config: CoRAConfig, cf):
         super().__init__()
         self.base_model, self.cora_config, self.cf = base_model, config, cf
-        for parameter in base_model.parameters():
-            parameter.requires_grad_(False)
-        self.target_names = find_targets(base_model, config.target_modules)
-        self.cora_layers: list[CoRALinear] = []
-        for name in self.target_names:
-            parent_name, _, child = name.rpartition(".")
-            parent = base_model.get_submodule(parent_name)
-            layer = CoRALinear(getattr(parent, child), config.r, config.scaling, config.gate, config.fp32_delta)
-            layer.to(getattr(parent, child).weight.device)
-            setattr(parent, child, layer)
-            self.cora_layers.append(layer)
+        self.target_names, self.cora_layers = replace_targets(
+            base_model, config.target_modules,
+            lambda linear: CoRALinear(linear, config.r, config.scaling, config.gate, config.fp32_delta),
+        )
         self.generator = QueryGenerator(
             cf.user_embeddings.shape[1], [layer.in_features for layer in self.cora_layers], config.r, config.query_dim,
             config.num_blocks, config.num_heads, config.query_mode, config.num_queries, config.normalize_queries,

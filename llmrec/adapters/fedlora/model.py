@@ -42,7 +42,7 @@ from torch import nn
 
 from llmrec.files import atomic_save_file
 
-from ..cora.model import find_targets
+from ..cora.model import replace_targets
 from ..wrapper import WEIGHTS_NAME, FrozenModelWrapper
 from .config import FedLoRAConfig
 from .layer import PARAMETERS, FedLoRALinear
@@ -59,17 +59,11 @@ class FedLoRAModel(FrozenModelWrapper):
         if any(isinstance(module, FedLoRALinear) for module in language_model.modules()):
             raise ValueError("this model already has FedLoRA layers; attach the adapter to a fresh base model")
         self.language_model, self.fedlora_config = language_model, config
-        for parameter in language_model.parameters():
-            parameter.requires_grad_(False)
-        self.target_names = find_targets(language_model, config.target_modules)
-        self.fedlora_layers: list[FedLoRALinear] = []
-        for name in self.target_names:
-            parent_name, _, child = name.rpartition(".")
-            parent = language_model.get_submodule(parent_name)
-            layer = FedLoRALinear(getattr(parent, child), config.r, config.scaling, config.lora_dropout,
-                                  config.init_a_magnitude, config.init_b_magnitude, config.eps)
-            setattr(parent, child, layer)
-            self.fedlora_layers.append(layer)
+        self.target_names, self.fedlora_layers = replace_targets(
+            language_model, config.target_modules,
+            lambda linear: FedLoRALinear(linear, config.r, config.scaling, config.lora_dropout, config.init_a_magnitude,
+                                         config.init_b_magnitude, config.eps),
+        )
         self.adapter_names = [name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in PARAMETERS]
 
     # --- what transformers' Trainer, TRL and llmrec's evaluators look for on a model -----------------------------
