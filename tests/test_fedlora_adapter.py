@@ -254,3 +254,29 @@ def test_unknown_targets_and_a_second_attachment_are_refused(base):
         _fedlora(base, target_modules=["qkv"])
     with pytest.raises(ValueError, match="already has FedLoRA layers"):
         FedLoRAModel(_fedlora(base).language_model, FedLoRAConfig())
+
+
+# --- a recipe run and `llmrec export` ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_fedlora_recipe_trains_reloads_and_exports_to_stock_peft(tmp_path):
+    from conftest import small_recipe, write_recipe
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from llmrec.publish.export import export_peft_lora
+    from llmrec.recipe import load_recipe
+    from llmrec.run import load_trained, train
+
+    raw = small_recipe(tmp_path / "runs", "fedlora-run", adapter={"method": "fedlora", "args": {"r": 4, "lora_alpha": 8}})
+    train(load_recipe(write_recipe(tmp_path / "recipe.yaml", raw)))
+    run = tmp_path / "runs" / "fedlora-run"
+    _, _, model, _, _ = load_trained(run)
+    export_peft_lora(run, tmp_path / "exported")
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run / "base"), tmp_path / "exported")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(LLMRecError, match="--client is for federated runs"):
+        export_peft_lora(run, tmp_path / "other", client=0)
