@@ -1,14 +1,17 @@
-"""The `llmrec` command line.
+"""The `llmrec` command line: thin commands over the library.
 
-    llmrec train RECIPE [key=value ...] [--overwrite]
-    llmrec federate RECIPE [key=value ...] [--overwrite]
-    llmrec eval RUN_DIR [--split test|valid]
-    llmrec recommend RUN_DIR --user USER_ID [-k 10]
-    llmrec recipe check|show RECIPE [key=value ...] [--all]
-    llmrec data stats RECIPE [key=value ...]
+    llmrec train RECIPE [key=value ...] [--overwrite]          run a recipe (resumes an interrupted run)
+    llmrec federate RECIPE [key=value ...] [--overwrite]       a federated recipe on Flower's simulation engine
+    llmrec eval RUN_DIR [--split SPLIT]                        evaluate a finished run again
+    llmrec recommend RUN_DIR --user USER_ID [-k 10]            top-K items for one user (ranking runs)
+    llmrec export RUN_DIR OUT [--to peft-lora|peft-prompt-tuning] [--user U [--item I] | --client K]
+                                                               the trained adapter in a stock PEFT format
+    llmrec recipe check|show RECIPE [key=value ...] [--all]    validate, or print the resolved recipe
+    llmrec data stats RECIPE [key=value ...]                   counts per split and an example row
 
 Many processes: `accelerate launch --config_file accelerate_configs/ddp.yaml -m llmrec train RECIPE`.
 Mistakes in the input print one paragraph naming the place and exit with status 2; `--debug` adds the traceback.
+What a command does for a task (rows, evaluation, tables, recommendations) is the task's (`llmrec.tasks`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import sys
 import traceback
 
-from llmrec.errors import LLMRecError, did_you_mean
+from llmrec.errors import LLMRecError
 from llmrec.logs import get_logger, setup_logging
 
 logger = get_logger(__name__)
@@ -41,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a finished run again")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--split", choices=["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"], default=None,
+    evaluate.add_argument("--split", choices=["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"],
+                          default=None,
                           help="one split (default: every split of the recipe's eval.splits)")
 
     recommend = commands.add_parser("recommend", help="top-K items for one user of a finished run")
@@ -123,12 +127,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "recommend":
         _recommend(args)
     elif args.command == "export":
-        from llmrec.publish.export import export_peft_lora, export_peft_prompt_tuning
-
-        if args.to == "peft-prompt-tuning":
-            print(export_peft_prompt_tuning(args.run_dir, args.out))
-        else:
-            print(export_peft_lora(args.run_dir, args.out, args.user, args.item, args.client))
+        _export(args)
 
 
 def _federate(args: argparse.Namespace) -> None:
@@ -151,7 +150,8 @@ def _recipe_command(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.recipe_command == "check":
-        print(f"{args.recipe}: ok ({len(recipe.stages)} stage(s): {', '.join(s.trainer for s in recipe.stages) or 'none'})")
+        trainers = ", ".join(stage.trainer for stage in recipe.stages) or "none"
+        print(f"{args.recipe}: ok ({len(recipe.stages)} stage(s): {trainers})")
         return
     resolved = recipe.to_dict()
     if args.all:
@@ -161,148 +161,55 @@ def _recipe_command(args: argparse.Namespace) -> None:
 
 
 def _data_stats(args: argparse.Namespace) -> None:
-    from llmrec.data import load_data, next_item_examples
+    from llmrec.data import load_data
     from llmrec.recipe import load_recipe
+    from llmrec.tasks import task_of
 
     recipe = load_recipe(args.recipe, args.overrides, instantiate=False)
     if recipe.federated is not None:
-        _federated_stats(recipe)
+        from llmrec.federated.client import partition_stats
+
+        print("\n".join(partition_stats(recipe)))
         return
-    if recipe.data.classification is not None:  # its rows do not come from the interactions
-        _classification_stats(recipe)
-        return
-    if recipe.data.reasoning is not None:
-        _reasoning_stats(recipe)
-        return
-    data = load_data(recipe.data, recipe.run.seed)
-    if recipe.data.summaries is not None:
-        _summaries_stats(recipe, data)
-        return
-    for key, value in data.stats().items():
-        print(f"{key:>20}: {value}")
-    if recipe.data.ctr is not None:
-        from llmrec.data import ctr_examples
-
-        train = ctr_examples(data, "train", recipe.data.ctr, recipe.run.seed)
-        print(f"{'train CTR rows':>20}: {len(train)} ({sum(train['label'])} liked)")
-    else:
-        train = next_item_examples(data, "train", recipe.data.task)
-        print(f"{'train examples':>20}: {len(train)}")
-    if len(train):
-        print("\nexample prompt:\n" + train[0]["prompt"] + "\nexample completion:\n" + train[0]["completion"])
-
-
-def _federated_stats(recipe) -> None:
-    from collections import Counter
-
-    from llmrec.federated.client import client_rows
-
-    fed = recipe.federated
-    print(f"{'rule':>20}: {fed.rule}")
-    print(f"{'partition':>20}: by {fed.partition.by}, Dirichlet alpha {fed.partition.alpha}")
-    example = None
-    for client in range(fed.num_clients):
-        train, test = client_rows(recipe, client)
-        counts = Counter(row["category"] for row in train + test)
-        shown = ", ".join(f"{name} {n}" for name, n in counts.most_common(3))
-        top_share = counts.most_common(1)[0][1] / (len(train) + len(test))
-        print(f"{'client ' + str(client):>20}: {len(train)} train, {len(test)} test rows; {len(counts)} categories, "
-              f"top share {top_share:.2f} ({shown}{', ...' if len(counts) > 3 else ''})")
-        example = example or train[0]
-    print("\nexample prompt:\n" + example["prompt"] + "\nexample completion:\n" + example["completion"])
-
-
-def _classification_stats(recipe) -> None:
-    from collections import Counter
-
-    from llmrec.data import classification_examples
-
-    config = recipe.data.classification
-    print(f"{'task':>20}: {config.name}")
-    for split in ("train", "valid", "test"):
-        rows = classification_examples(config, split, recipe.run.seed)
-        counts = Counter(rows["label"])
-        print(f"{split + ' rows':>20}: {len(rows)} ("
-              + ", ".join(f"{counts[k]} {word.strip()!r}" for k, word in enumerate(config.label_words)) + ")")
-    train = classification_examples(config, "train", recipe.run.seed)
-    print("\nexample prompt:\n" + train[0]["prompt"] + "\nexample completion:\n" + train[0]["completion"])
-
-
-def _reasoning_stats(recipe) -> None:
-    from collections import Counter
-
-    from llmrec.data import reasoning_examples
-
-    config = recipe.data.reasoning
-    print(f"{'source':>20}: {config.source}")
-    for split in ("train", "valid", "test"):
-        rows = reasoning_examples(config, split, recipe.run.seed)
-        levels = Counter(rows["level"])
-        print(f"{split + ' problems':>20}: {len(rows)}" + (" (levels " + ", ".join(f"{k}: {levels[k]}" for k in sorted(levels)) + ")"
-                                                             if len(rows) else ""))
-    rows = reasoning_examples(config, "train", recipe.run.seed)
-    rows = rows if len(rows) else reasoning_examples(config, "test", recipe.run.seed)
-    print("\nexample prompt:\n" + rows[0]["prompt"] + "\nexample completion:\n" + rows[0]["completion"])
-
-
-def _summaries_stats(recipe, data) -> None:
-    from llmrec.data.preference_summaries import format_prompt, summary_users
-
-    config = recipe.data.summaries
-    for split in ("train", "valid", "test"):
-        users = summary_users(config, recipe.run.seed, split, data)
-        counts = [len(u.behaviours) for u in users]
-        print(f"{split + ' users':>20}: {len(users)}" + (f" ({min(counts)}-{max(counts)} behaviours each)" if counts else ""))
-    if config.ood is not None:
-        print(f"{'out-of-domain users':>20}: {len(summary_users(config, recipe.run.seed, 'test', data, ood=True))}")
-    user = summary_users(config, recipe.run.seed, "train", data)[0]
-    print("\nexample prompt (part 1 of a training user):\n" + format_prompt(None, user.parts(config.behaviours.fractions)[0]))
+    task = task_of(recipe)
+    data = load_data(recipe.data, recipe.run.seed) if task.uses_interactions else None
+    print("\n".join(task.stats(data)))
 
 
 def _eval(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from llmrec.run import evaluate_split, finish, load_trained
+    from llmrec.run import finish
+    from llmrec.rundir import load_trained
+    from llmrec.tasks import task_of
 
     recipe, data, model, tokenizer, run = load_trained(args.run_dir)
     if args.split and args.split.startswith("ood_") and recipe.data.shift(args.split.removeprefix("ood_")) is None:
-        raise LLMRecError(f"this run's data have no {args.split.removeprefix('ood_')} shift (see data.shifts).", "--split")
+        raise LLMRecError(f"this run's data have no {args.split.removeprefix('ood_')} shift (see data.shifts).",
+                          "--split")
+    task = task_of(recipe)
     metrics, predictions = {}, {}
     for split in [args.split] if args.split else recipe.eval.splits:
-        split_metrics, predictions[split] = evaluate_split(model, tokenizer, data, recipe, split)
+        split_metrics, predictions[split] = task.evaluate(model, tokenizer, data, split)
         metrics.update(split_metrics)
     if PartialState().is_main_process:
         finish(run, recipe, data, metrics, predictions)
 
 
 def _recommend(args: argparse.Namespace) -> None:
-    from llmrec.data.tasks import format_prompt
-    from llmrec.eval.ranking import build_trie, rank_with_model
-    from llmrec.run import load_trained
+    from llmrec.rundir import load_trained
+    from llmrec.tasks import task_of
 
     if args.k < 1:
         raise LLMRecError("must be at least 1.", "-k")
     recipe, data, model, tokenizer, _ = load_trained(args.run_dir)
-    if recipe.eval.task != "ranking":
-        raise LLMRecError(f"this run is evaluated on eval.task: {recipe.eval.task}, it does not rank items; use `llmrec eval`.",
-                          args.run_dir)
-    sequences = data.user_sequences()
-    if args.user not in sequences:
-        raise LLMRecError(
-            f"user {args.user!r} has no interactions in this run's data ({len(sequences)} users, e.g. "
-            f"{', '.join(list(sequences)[:3])}).{did_you_mean(args.user, sequences)}",
-            "--user",
-        )
-    history = [item for item, _ in sequences[args.user]]
-    trie = build_trie(tokenizer, data, recipe.data.task)
-    k = min(args.k, trie.available(trie.banned_counts(history) if recipe.eval.exclude_history else None))
-    prompt = format_prompt(recipe.data.task, history, data.titles)
-    ranked = rank_with_model(
-        model, tokenizer, trie, [prompt], [history] if recipe.eval.exclude_history else None, k, 1, progress=False
-    )[0]
-    titles = data.titles
-    print(f"user {args.user}: {len(history)} interactions; last: {titles[history[-1]]}")
-    print(f"{'rank':>4}  {'item_id':<12} {'log-prob':>9}  title")
-    for rank, (item, score) in enumerate(ranked[: args.k], start=1):
-        print(f"{rank:>4}  {item:<12} {score:>9.3f}  {titles[item]}")
+    print(task_of(recipe).recommend(model, tokenizer, data, args.user, args.k))
 
+
+def _export(args: argparse.Namespace) -> None:
+    from llmrec.publish.export import export_peft_lora, export_peft_prompt_tuning
+
+    if args.to == "peft-prompt-tuning":
+        print(export_peft_prompt_tuning(args.run_dir, args.out))
+    else:
+        print(export_peft_lora(args.run_dir, args.out, args.user, args.item, args.client))

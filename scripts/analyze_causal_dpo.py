@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 
 from llmrec.data import next_item_examples
-from llmrec.run import load_trained
+from llmrec.rundir import load_trained
 from llmrec.trainers.causal_dpo import EnvironmentHead, _backbone
 
 
@@ -41,12 +41,14 @@ def analyse(run_dir: str) -> None:
     frame = data.interactions_frame
     truth = None
     if "environment" in frame.columns:
-        environment = {(u, i): e for u, i, e, s in zip(frame.user_id, frame.item_id, frame.environment, frame.split) if s == "train"}
+        environment = {(u, i): e for u, i, e, s in zip(frame.user_id, frame.item_id, frame.environment, frame.split)
+                       if s == "train"}
         truth = [int(environment[(u, i)]) for u, i in zip(rows["user_id"], rows["item_id"])]
     backbone = _backbone(model)
     memberships = []
     for start in range(0, len(rows), 64):
-        encoded = tokenizer(rows["prompt"][start : start + 64], return_tensors="pt", padding=True, padding_side="right")
+        encoded = tokenizer(rows["prompt"][start : start + 64], return_tensors="pt", padding=True,
+                            padding_side="right")
         hidden = backbone(**encoded.to(next(model.parameters()).device)).last_hidden_state
         last = encoded["attention_mask"].sum(1) - 1
         memberships.append(head(hidden[torch.arange(len(last)), last]).cpu())
@@ -58,8 +60,10 @@ def analyse(run_dir: str) -> None:
         for env in sorted(set(truth)):
             mask = torch.tensor([t == env for t in truth])
             shares = memberships[mask].mean(0).tolist()
-            print(f"  true environment {env} ({int(mask.sum())} rows): mean memberships " + ", ".join(f"{s:.3f}" for s in shares))
-        purity = sum(max(Counter(t for t, a in zip(truth, assigned) if a == k).values(), default=0) for k in range(K)) / len(truth)
+            print(f"  true environment {env} ({int(mask.sum())} rows): mean memberships "
+                  + ", ".join(f"{s:.3f}" for s in shares))
+        purity = sum(max(Counter(t for t, a in zip(truth, assigned) if a == k).values(), default=0)
+                     for k in range(K)) / len(truth)
         print(f"  purity {purity:.3f}, NMI {normalised_mutual_information(truth, assigned):.3f}")
     print("  membership entropy (0 = hard clusters, log K = undecided): "
           f"{float(-(memberships * memberships.clamp_min(1e-12).log()).sum(1).mean()):.3f} of {math.log(K):.3f}")
@@ -67,7 +71,8 @@ def analyse(run_dir: str) -> None:
     for k in range(K):
         targets = [popularity[i] for i, a in zip(rows["item_id"], assigned) if a == k]
         if targets:
-            print(f"  inferred environment {k}: {len(targets)} rows, mean target popularity {sum(targets) / len(targets):.1f}")
+            print(f"  inferred environment {k}: {len(targets)} rows, mean target popularity "
+                  f"{sum(targets) / len(targets):.1f}")
 
 
 def main() -> None:

@@ -25,7 +25,14 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from trl import DPOConfig, DPOTrainer
 
-from llmrec.data import DataConfig, NextItemTaskConfig, PreferenceDataConfig, load_data, pairwise_rows, preference_examples
+from llmrec.data import (
+    DataConfig,
+    NextItemTaskConfig,
+    PreferenceDataConfig,
+    load_data,
+    pairwise_rows,
+    preference_examples,
+)
 from llmrec.models.tiny import build_tiny_model, train_tokenizer
 from llmrec.trainers.causal_dpo import CausalDPOConfig, CausalDPOTrainer
 from llmrec.trainers.softmax_dpo import SoftmaxDPOConfig, SoftmaxDPOTrainer
@@ -56,19 +63,22 @@ def main() -> None:
 
     data = load_data(DataConfig(), 0)
     task = NextItemTaskConfig()
-    rows = preference_examples(data, "train", task, PreferenceDataConfig(negatives=args.negatives), 0).select(range(args.rows))
+    rows = (preference_examples(data, "train", task, PreferenceDataConfig(negatives=args.negatives), 0)
+            .select(range(args.rows)))
     rows = rows.select_columns(["prompt", "chosen", "rejected"])
-    one_negative = Dataset.from_dict({"prompt": rows["prompt"], "chosen": rows["chosen"], "rejected": [[r[0]] for r in rows["rejected"]]})
+    one_negative = Dataset.from_dict({"prompt": rows["prompt"], "chosen": rows["chosen"],
+                                      "rejected": [[r[0]] for r in rows["rejected"]]})
     tokenizer = train_tokenizer([*data.titles.values(), *rows["prompt"]], 1024)
 
     def policy():  # the same weights every time (seeded), a fresh object for each trainer
         torch.manual_seed(0)
         base = build_tiny_model(args.preset, tokenizer, 0)
-        return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+        return get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                               task_type="CAUSAL_LM"))
 
     def config(cls, **extra):
-        return cls(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
-                   max_length=256, save_strategy="no", **extra)
+        return cls(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False,
+                   activation_checkpointing=False, max_length=256, save_strategy="no", **extra)
 
     def trainer(cls, config_cls, dataset, **extra):
         return cls(policy(), args=config(config_cls, **extra), train_dataset=dataset, processing_class=tokenizer)
@@ -76,17 +86,21 @@ def main() -> None:
     every = list(range(args.rows))
     expanded = pairwise_rows(rows)
     results = {
-        "dpo_pairs": step_time(trainer(DPOTrainer, DPOConfig, pairwise_rows(one_negative)), every, args.repeats, args.warmup),
+        "dpo_pairs": step_time(trainer(DPOTrainer, DPOConfig, pairwise_rows(one_negative)), every, args.repeats,
+                               args.warmup),
         "causal_pairs": step_time(
-            trainer(CausalDPOTrainer, CausalDPOConfig, one_negative, num_environments=2, environment_init_samples=args.rows),
+            trainer(CausalDPOTrainer, CausalDPOConfig, one_negative, num_environments=2,
+                    environment_init_samples=args.rows),
             every, args.repeats, args.warmup,
         ),
         "softmax_j": step_time(trainer(SoftmaxDPOTrainer, SoftmaxDPOConfig, rows), every, args.repeats, args.warmup),
-        "dpo_j_pairs": step_time(trainer(DPOTrainer, DPOConfig, expanded), list(range(len(expanded))), args.repeats, args.warmup),
+        "dpo_j_pairs": step_time(trainer(DPOTrainer, DPOConfig, expanded), list(range(len(expanded))),
+                                 args.repeats, args.warmup),
     }
 
-    print(f"CPU threads: {torch.get_num_threads()}, torch {torch.__version__}, {platform.machine()}, {args.preset} + LoRA r=16, "
-          f"{args.rows} prompts per batch, median of {args.repeats} steps (forward + backward, reference included)\n")
+    print(f"CPU threads: {torch.get_num_threads()}, torch {torch.__version__}, {platform.machine()}, "
+          f"{args.preset} + LoRA r=16, {args.rows} prompts per batch, median of {args.repeats} steps "
+          "(forward + backward, reference included)\n")
     print("| comparison | llmrec | TRL DPO | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| CausalDPO (K=2, MMD) vs DPO, same {args.rows} pairs | {results['causal_pairs'] * 1000:.0f} ms | "

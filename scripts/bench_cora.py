@@ -1,6 +1,7 @@
 """Training step time and peak memory of CoRA against plain LoRA and against a naive per-sample CoRA.
 
-    python scripts/bench_cora.py [--preset tiny:qwen2-s] [--batch 16] [--length 64] [--rank 8] [--steps 20] [--rounds 2]
+    python scripts/bench_cora.py [--preset tiny:qwen2-s] [--batch 16] [--length 64] [--rank 8] [--steps 20] \
+        [--rounds 2]
 
 Three ways to train on the same batch (forward, backward, AdamW step; the base model frozen):
 
@@ -49,7 +50,8 @@ def run_variant(variant: str, preset: str, batch: int, length: int, rank: int, s
         if variant == "naive":
             def per_sample(layer, x):
                 weight_delta = layer.effective_B()
-                rows = [torch.nn.functional.linear(x[b], layer.base_layer.weight + weight_delta @ layer.lora_A[b], layer.base_layer.bias)
+                rows = [torch.nn.functional.linear(x[b], layer.base_layer.weight + weight_delta @ layer.lora_A[b],
+                                                   layer.base_layer.bias)
                         for b in range(x.shape[0])]
                 return torch.stack(rows)
 
@@ -97,11 +99,13 @@ def main() -> None:
     results: dict[str, list[dict]] = {"lora": [], "cora": [], "naive": []}
     for _ in range(args.rounds):
         for variant in results:
-            command = [sys.executable, __file__, "--variant", variant, "--preset", args.preset, "--batch", str(args.batch),
-                       "--length", str(args.length), "--rank", str(args.rank), "--steps", str(args.steps)]
+            command = [sys.executable, __file__, "--variant", variant, "--preset", args.preset,
+                       "--batch", str(args.batch), "--length", str(args.length), "--rank", str(args.rank),
+                       "--steps", str(args.steps)]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             results[variant].append(json.loads(output.strip().splitlines()[-1]))
-    summary = {v: {"step_ms": statistics.median(r["step_ms"] for r in rows), "peak_mib": max(r["peak_mib"] for r in rows),
+    summary = {v: {"step_ms": statistics.median(r["step_ms"] for r in rows),
+                   "peak_mib": max(r["peak_mib"] for r in rows),
                    "rows_per_s": statistics.median(r["rows_per_s"] for r in rows), "trainable": rows[0]["trainable"]}
                for v, rows in results.items()}
     print(f"{platform.machine()}, {results['lora'][0]['threads']} torch threads, {args.preset}, batch {args.batch}, "

@@ -42,7 +42,8 @@ def run(adapter: str, learning_rate: float, steps: int, seed: int, scratch: Path
     if adapter == "fedlora":
         state = adapter_state(model)
         out["mean |a_M|"] = float(torch.cat([t for n, t in state.items() if n.endswith("A_magnitude")]).abs().mean())
-        out["mean |b_M - 1|"] = float(torch.cat([t for n, t in state.items() if n.endswith("B_magnitude")]).sub(1).abs().mean())
+        out["mean |b_M - 1|"] = float(torch.cat([t for n, t in state.items() if n.endswith("B_magnitude")])
+                                      .sub(1).abs().mean())
     return out
 
 
@@ -52,12 +53,14 @@ def main() -> None:
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print("| adapter | lr | test exact match | test loss | mean abs a_M | mean abs (b_M - 1) |\n|---|---|---|---|---|---|")
+    print("| adapter | lr | test exact match | test loss | mean abs a_M | mean abs (b_M - 1) |\n"
+          "|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         for learning_rate in args.learning_rates:
             for adapter in RECIPES:
                 r = run(adapter, learning_rate, args.steps, args.seed, Path(scratch))
-                magnitudes = (f"{r['mean |a_M|']:.4f} | {r['mean |b_M - 1|']:.4f}" if adapter == "fedlora" else "- | -")
+                magnitudes = (f"{r['mean |a_M|']:.4f} | {r['mean |b_M - 1|']:.4f}" if adapter == "fedlora"
+                              else "- | -")
                 print(f"| {adapter} | {learning_rate:g} | {r['exact_match']:.3f} | {r['loss']:.3f} | {magnitudes} |",
                       flush=True)
 

@@ -18,9 +18,9 @@ the EPT and LAMP papers:
 * `LoRA`: every linear layer of the decoder, at the rank whose parameter count is closest to l·d.
 
 Every variant trains on the same rows of a synthetic task (`llmrec.data.classification`, seed 0: `sentiment` by
-default, or `topic`) with the same frozen tiny base model (seed 0), by SFT's loss (the label word and EOS after the prompt; right-padded
-batches), AdamW at a constant rate: `--lr-prompt` for prompts and LAMP's factors, `--lr-low-rank` for DePT/EPT's
-offsets, fusion and projections (DePT's two rates), `--lr-lora` for LoRA. The seed changes the adapter's
+default, or `topic`) with the same frozen tiny base model (seed 0), by SFT's loss (the label word and EOS after the
+prompt; right-padded batches), AdamW at a constant rate: `--lr-prompt` for prompts and LAMP's factors, `--lr-low-rank`
+for DePT/EPT's offsets, fusion and projections (DePT's two rates), `--lr-lora` for LoRA. The seed changes the adapter's
 initialisation and the batch order. After `--steps` steps, accuracy is measured on the test rows by label-word
 scoring (`llmrec.eval.classification`). The base model is random, so only what the adapter learns counts. The
 sentiment task needs its negations and clause structure: in a check on tiny:qwen2-xs (batch 16), full fine-tuning
@@ -65,14 +65,16 @@ def adapter_for(variant: str, args, d: int, n: int, linear_widths: int, seed: in
     budget = args.tokens * d
     m = args.short_tokens
     if variant == "prompt_tuning":
-        return "prompt_tuning", {"num_virtual_tokens": args.tokens, "prompt_tuning_init": "SAMPLE_VOCAB"}, f"l={args.tokens}"
+        return ("prompt_tuning", {"num_virtual_tokens": args.tokens, "prompt_tuning_init": "SAMPLE_VOCAB"},
+                f"l={args.tokens}")
     if variant in ("dept", "ept"):
         ept = variant == "ept"
         f, spaces, q = EPT_EXTRAS.values()
         extra = 4 * d * f + spaces * (2 * d * q + d + 1) if ept else 0
         r = offsets_rank(budget, m, d, n, extra)
         settings = {"num_virtual_tokens": m, "max_length": n, "r": r, "fusion": ept, "projection": ept,
-                    "prompt_learning_rate": args.lr_prompt, "low_rank_learning_rate": args.lr_low_rank, "init_seed": seed}
+                    "prompt_learning_rate": args.lr_prompt, "low_rank_learning_rate": args.lr_low_rank,
+                    "init_seed": seed}
         return "ept", {**settings, **(EPT_EXTRAS if ept else {})}, f"m={m}, r={r}, n={n}"
     if variant.startswith("lamp"):
         k = int(variant.removeprefix("lamp_k"))
@@ -88,8 +90,8 @@ def run_variant(variant: str, seed: int, args) -> dict:
 
     from llmrec.adapters import get_adapter
     from llmrec.adapters.soft_prompt import SoftPromptModel
+    from llmrec.answers import prompt_answer_logits
     from llmrec.data import ClassificationTaskConfig, classification_examples, classification_tokenizer_texts
-    from llmrec.eval.answers import prompt_answer_logits
     from llmrec.eval.classification import accuracy, label_token_ids, predict
     from llmrec.models.tiny import build_tiny_model, train_tokenizer
 
@@ -178,10 +180,11 @@ def run_variant(variant: str, seed: int, args) -> dict:
 def table(rows: dict[str, list[dict]], args) -> str:
     first = next(iter(rows.values()))[0]
     reference = statistics.median(r["step_ms"] for r in rows["prompt_tuning"]) if rows.get("prompt_tuning") else None
-    lines = [f"{first['device']}, {first['threads']} torch threads, torch {first['torch']}, `{args.preset}` (d = {first['d']}), "
-             f"synthetic {args.task} task ({args.train_size} training rows, {args.test_size} test rows), budget "
-             f"l = {args.tokens} tokens = {args.tokens * first['d']:,} parameters, batch {args.batch}, {args.steps} steps "
-             f"after {args.warmup} untimed, seeds {' '.join(map(str, args.seeds))}; accuracy is mean ± std over seeds.",
+    lines = [f"{first['device']}, {first['threads']} torch threads, torch {first['torch']}, `{args.preset}` "
+             f"(d = {first['d']}), synthetic {args.task} task ({args.train_size} training rows, "
+             f"{args.test_size} test rows), budget l = {args.tokens} tokens = {args.tokens * first['d']:,} "
+             f"parameters, batch {args.batch}, {args.steps} steps after {args.warmup} untimed, seeds "
+             f"{' '.join(map(str, args.seeds))}; accuracy is mean ± std over seeds.",
              "",
              "| method | setting | prompt tokens | trainable | step (ms) | vs PT | peak memory (MiB) | accuracy |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -191,7 +194,8 @@ def table(rows: dict[str, list[dict]], args) -> str:
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
         ratio = f"{step / reference:.2f}×" if reference else "–"
         lines.append(f"| {LABELS[variant]} | {results[0]['setting']} | {results[0]['virtual_tokens']} | "
-                     f"{results[0]['trainable']:,} | {step:.1f} | {ratio} | {max(r['peak_mib'] for r in results):.0f} | "
+                     f"{results[0]['trainable']:,} | {step:.1f} | {ratio} | "
+                     f"{max(r['peak_mib'] for r in results):.0f} | "
                      f"{statistics.fmean(accuracies):.3f} ± {spread:.3f} |")
     return "\n".join(lines)
 
@@ -222,7 +226,8 @@ def main() -> None:
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
     if args.quick:
-        args.preset, args.train_size, args.test_size, args.seeds, args.steps, args.batch = "tiny:qwen2-xs", 64, 32, [0], 6, 8
+        (args.preset, args.train_size, args.test_size, args.seeds, args.steps, args.batch) = (
+            "tiny:qwen2-xs", 64, 32, [0], 6, 8)
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.seed, args)))
         return
@@ -237,15 +242,16 @@ def main() -> None:
                 raise SystemExit(f"{variant} (seed {seed}) failed:\n{done.stderr[-3000:]}")
             rows[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
             result = rows[variant][-1]
-            print(f"seed {seed} {LABELS[variant]:<14} step {result['step_ms']:7.1f} ms  accuracy {result['accuracy']:.3f}",
-                  flush=True)
+            print(f"seed {seed} {LABELS[variant]:<14} step {result['step_ms']:7.1f} ms  "
+                  f"accuracy {result['accuracy']:.3f}", flush=True)
     body = table(rows, args)
     print("\n" + body)
     if args.benchmarks:
         sys.path.insert(0, str(Path(__file__).parent))
         from compare_alignment import write_benchmarks
 
-        title = f"Prompt tuning at a {args.tokens}-token budget: synthetic {args.task}" + (" (quick smoke run)" if args.quick else "")
+        title = (f"Prompt tuning at a {args.tokens}-token budget: synthetic {args.task}"
+                 + (" (quick smoke run)" if args.quick else ""))
         write_benchmarks(args.benchmarks, title, shlex.join(["python", "scripts/bench_prompt_tuning.py", *shared,
                                                              "--benchmarks", str(args.benchmarks)]), body,
                          tag="bench_prompt_tuning")

@@ -102,10 +102,11 @@ def main() -> None:
     warm_up = CatalogTrie.from_titles(tokenizer, {f"i{k}": t for k, t in enumerate(titles[:100])}, ANCHOR)
     rank_with_model(model, tokenizer, warm_up, prompts, None, args.beams, args.batch_size, False)
 
-    print(f"CPU threads: {torch.get_num_threads()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"model {args.preset} (vocabulary {len(tokenizer)}), {args.users} users, {args.beams} beams, batch {args.batch_size}, "
-          f"median of {args.repeats} passes\n")
-    print("| catalog items | trie nodes | longest title (tokens) | trie build (s) | beam ranking per user (ms) | exhaustive scoring per user (ms) |")
+    print(f"CPU threads: {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, model {args.preset} (vocabulary {len(tokenizer)}), "
+          f"{args.users} users, {args.beams} beams, batch {args.batch_size}, median of {args.repeats} passes\n")
+    print("| catalog items | trie nodes | longest title (tokens) | trie build (s) | beam ranking per user (ms) | "
+          "exhaustive scoring per user (ms) |")
     print("|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         catalog = {f"i{k}": title for k, title in enumerate(titles[:size])}
@@ -115,7 +116,8 @@ def main() -> None:
         timings = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            ranked = rank_with_model(model, tokenizer, trie, prompts, None, args.beams, args.batch_size, progress=False)
+            ranked = rank_with_model(model, tokenizer, trie, prompts, None, args.beams, args.batch_size,
+                                     progress=False)
             timings.append((time.perf_counter() - start) / len(prompts))
             assert all(len(r) == args.beams for r in ranked)
         per_user = statistics.median(timings)
@@ -125,7 +127,8 @@ def main() -> None:
             for prompt in prompts[:4]:
                 exhaustive_scores(model, tokenizer, prompt, trie)
             exhaustive = f"{(time.perf_counter() - start) / 4 * 1000:.0f}"
-        print(f"| {size:,} | {len(trie.children):,} | {trie.depth} | {build:.2f} | {per_user * 1000:.0f} | {exhaustive} |", flush=True)
+        print(f"| {size:,} | {len(trie.children):,} | {trie.depth} | {build:.2f} | {per_user * 1000:.0f} | "
+              f"{exhaustive} |", flush=True)
 
 
 if __name__ == "__main__":

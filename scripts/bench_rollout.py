@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("--leaves", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed repeats, each with its own seed (medians reported; the time ratio is the median of the paired ratios)")
+                        help="timed repeats, each with its own seed (medians reported; the time ratio is the "
+                             "median of the paired ratios)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,10 +49,12 @@ def main() -> None:
         texts = reasoning_examples(recipe.data.reasoning, "test", 0)["prompt"]
         tokenizer = train_tokenizer(texts * 5, 400, split_digits=True)
         model = build_tiny_model(recipe.model.name, tokenizer, seed=0).eval()
-    prompts = [tokenizer(p)["input_ids"] for p in reasoning_examples(recipe.data.reasoning, "test", recipe.run.seed)["prompt"]]
+    prompts = [tokenizer(p)["input_ids"]
+               for p in reasoning_examples(recipe.data.reasoning, "test", recipe.run.seed)["prompt"]]
     prompts = prompts[: args.questions]
     rollout = HFRollout(model, [tokenizer.eos_token_id], tokenizer.pad_token_id)
-    sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_completion_length)
+    sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p,
+                              max_new_tokens=config.max_completion_length)
     tree = config.tree_config()
     flat = type(tree)(**{**tree.__dict__, "branching": False, "pruning": False})
 
@@ -74,8 +77,9 @@ def main() -> None:
                     runs[name][key].append(sum(getattr(q.stats, key) for q in out) / len(prompts))
         f, t = ({k: statistics.median(v) for k, v in runs[name].items()} for name in ("flat", "tree"))
         time_ratio = statistics.median(a / b for a, b in zip(runs["flat"]["time"], runs["tree"]["time"]))
-        rows.append(f"| {n} | {f['decoded_tokens']:.1f} | {t['decoded_tokens']:.1f} | {f['decoded_tokens'] / t['decoded_tokens']:.2f}x | "
-                    f"{f['time']:.3f} | {t['time']:.3f} | {time_ratio:.2f}x | {t['forks']:.1f} | {t['pruned']:.1f} | {t['fills']:.1f} |")
+        rows.append(f"| {n} | {f['decoded_tokens']:.1f} | {t['decoded_tokens']:.1f} | "
+                    f"{f['decoded_tokens'] / t['decoded_tokens']:.2f}x | {f['time']:.3f} | {t['time']:.3f} | "
+                    f"{time_ratio:.2f}x | {t['forks']:.1f} | {t['pruned']:.1f} | {t['fills']:.1f} |")
         print(rows[-1], flush=True)
     print("\n".join(rows))
 

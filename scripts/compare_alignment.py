@@ -2,7 +2,8 @@
 
     python scripts/compare_alignment.py recipes/causal_dpo/tiny.yaml --seeds 0 1 2 \
         --title "Synthetic exposure-shift world" [--set key=value ...] [--benchmarks BENCHMARKS.md]
-    python scripts/compare_alignment.py ... --methods causal_dpo --variant known-env stages.1.args.environment_mode=known
+    python scripts/compare_alignment.py ... --methods causal_dpo --variant known-env \
+        stages.1.args.environment_mode=known
 
 The recipe is a two-stage CausalDPO recipe (SFT, then causal_dpo). For each seed the script trains the SFT stage
 once (an SFT-only run: the SFT row of the table), then runs the second stage with each preference trainer from a
@@ -72,7 +73,8 @@ def run(recipe: dict, folder: Path, log: Path) -> dict:
     if result.returncode != 0:
         raise SystemExit(f"{recipe['run']['name']} failed; see {log}")
     metrics = json.loads((Path(recipe["run"]["output_dir"]) / recipe["run"]["name"] / "metrics.json").read_text())
-    print(f"  {recipe['run']['name']}: {time.time() - started:.0f} s, test hr@10 {metrics.get('test/hr@10', float('nan')):.4f}", flush=True)
+    print(f"  {recipe['run']['name']}: {time.time() - started:.0f} s, "
+          f"test hr@10 {metrics.get('test/hr@10', float('nan')):.4f}", flush=True)
     return metrics
 
 
@@ -117,7 +119,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--output", default="runs/compare")
     parser.add_argument("--benchmarks", type=Path, help="write the table into this Markdown file")
-    parser.add_argument("--table-only", action="store_true", help="run nothing: print (and write) the tables from results.json")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: print (and write) the tables from results.json")
     parser.add_argument("--variant", nargs="+", metavar=("LABEL", "key=value"),
                         help="run causal_dpo again with these overrides, as the row causal_dpo[LABEL]")
     args = parser.parse_args()

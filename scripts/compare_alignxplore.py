@@ -66,7 +66,8 @@ def _stat(values: list[float]) -> str:
 
 def table(results: dict[str, dict], variants: list[str]) -> str:
     systems = [("no summary", "sft", "no_summary"), ("SFT summary", "sft", "model"), ("RL summary", "rl", "model"),
-               *((f"RL summary, {label}", label, "model") for label in variants), ("oracle (hidden persona)", "sft", "oracle")]
+               *((f"RL summary, {label}", label, "model") for label in variants),
+               ("oracle (hidden persona)", "sft", "oracle")]
     lines = ["| summary | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" + "|---:" * len(COLUMNS) + "|"]
     for label, run, kind in systems:
         cells = []
@@ -101,8 +102,9 @@ def main() -> None:
     body = table({str(s): results[str(s)] for s in args.seeds}, list(variants))
     print(body)
     if args.benchmarks:
-        write_benchmarks(args.benchmarks, args.title, "python scripts/compare_alignxplore.py " + " ".join(sys.argv[1:]),
-                         body, tag="compare_alignxplore")
+        write_benchmarks(args.benchmarks, args.title,
+                         "python scripts/compare_alignxplore.py " + " ".join(sys.argv[1:]), body,
+                         tag="compare_alignxplore")
 
 
 if __name__ == "__main__":

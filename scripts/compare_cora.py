@@ -36,7 +36,8 @@ SYSTEMS = {"base": "base model, zero-shot", "cf": "CF model alone", "lora": "tex
 def train(recipe: str, overrides: list[str], log: Path) -> dict:
     started = time.time()
     with open(log, "a") as handle:
-        result = subprocess.run([sys.executable, "-m", "llmrec", "train", recipe, *overrides], stdout=handle, stderr=handle)
+        result = subprocess.run([sys.executable, "-m", "llmrec", "train", recipe, *overrides], stdout=handle,
+                                stderr=handle)
     name = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.name="))
     if result.returncode != 0:
         raise SystemExit(f"{name} failed; see {log}")
@@ -74,7 +75,8 @@ def main() -> None:
     if recipe.adapter.method != "cora" or recipe.eval.task != "ctr":
         raise SystemExit("the recipe must use adapter.method: cora and eval.task: ctr")
     cora = recipe.adapter.args
-    lora = {"r": cora.get("r", 8), "lora_alpha": cora.get("lora_alpha", 16), "target_modules": cora.get("target_modules", "all-linear")}
+    lora = {"r": cora.get("r", 8), "lora_alpha": cora.get("lora_alpha", 16),
+            "target_modules": cora.get("target_modules", "all-linear")}
     slug = re.sub(r"[^a-z0-9]+", "-", args.title.lower()).strip("-")
     output = Path(args.output) / slug
     output.mkdir(parents=True, exist_ok=True)
@@ -88,7 +90,8 @@ def main() -> None:
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
         for system, extra in variants.items():
-            overrides = [*args.overrides, f"run.name={system}-seed{seed}", f"run.seed={seed}", f"run.output_dir={output}", *extra]
+            overrides = [*args.overrides, f"run.name={system}-seed{seed}", f"run.seed={seed}",
+                         f"run.output_dir={output}", *extra]
             results[system].append(train(args.recipe, overrides, log))
     (output / "results.json").write_text(json.dumps(results, indent=2))
     body = table(results)

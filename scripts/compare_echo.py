@@ -29,7 +29,8 @@ METHODS = {"ttrl": "recipes/ttrl/tiny.yaml", "echo": "recipes/echo/tiny.yaml"}
 def _train(recipe: Path | str, overrides: list[str], log: Path) -> float:
     started = time.time()
     with open(log, "a") as handle:
-        result = subprocess.run([sys.executable, "-m", "llmrec", "train", str(recipe), *overrides], stdout=handle, stderr=handle)
+        result = subprocess.run([sys.executable, "-m", "llmrec", "train", str(recipe), *overrides], stdout=handle,
+                                stderr=handle)
     if result.returncode != 0:
         raise SystemExit(f"{recipe} {overrides} failed; see {log}")
     return time.time() - started
@@ -90,10 +91,10 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                ("Δ maj@16", "delta_majority", 3), ("pass@16", "pass_accuracy", 3),
                ("RL decoded tokens / question", "rollout/decoded_tokens_per_question", 1),
                ("pseudo-label = label", "ttrl/label_agreement", 3), ("majority share", "ttrl/majority_share", 3),
-               ("forks / question", "rollout/forks_per_question", 2), ("pruned fraction", "rollout/pruned_fraction", 3),
-               ("run time (s)", "seconds", 0)]
+               ("forks / question", "rollout/forks_per_question", 2),
+               ("pruned fraction", "rollout/pruned_fraction", 3), ("run time (s)", "seconds", 0)]
     for seed in results.values():
-        for label, row in seed.items():
+        for _label, row in seed.items():
             row["delta_mean"] = row["mean_accuracy"] - seed["sft"]["mean_accuracy"]
             row["delta_majority"] = row["majority_accuracy"] - seed["sft"]["majority_accuracy"]
     lines = ["| system | " + " | ".join(c[0] for c in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
@@ -109,7 +110,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=Path("runs/compare-echo"))
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar=("LABEL[:METHOD]", "key=value"),
-                        help="a recipe (METHOD: echo, the default, or ttrl) again with these overrides, as the row LABEL")
+                        help="a recipe (METHOD: echo, the default, or ttrl) again with these overrides, as the "
+                             "row LABEL")
     parser.add_argument("--only-variants", action="store_true", help="run the variants alone (not ttrl and echo)")
     parser.add_argument("--benchmarks", type=Path)
     parser.add_argument("--title", default="Test-time RL on the arithmetic world: flat TTRL vs ECHO")

@@ -58,14 +58,16 @@ def _mean_std(values: list[float]) -> str:
 
 
 def table(results: dict) -> str:
-    lines = ["| rule | lr | global EM | local EM | global loss | local loss | MB up / round | MB down / round | s / run |",
+    lines = ["| rule | lr | global EM | local EM | global loss | local loss | MB up / round | "
+             "MB down / round | s / run |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(results, key=lambda k: (list(RECIPES).index(k.split("@")[0]), float(k.split("@")[1]))):
         rule, lr = key.split("@")
         seeds = results[key]
         column = {name: [row[name] for row in seeds.values()] for name in next(iter(seeds.values()))}
         lines.append(f"| {rule} | {lr} | " + " | ".join(_mean_std(column[m]) for m in METRICS)
-                     + f" | {statistics.mean(column['bytes_up']) / 1e6:.3f} | {statistics.mean(column['bytes_down']) / 1e6:.3f}"
+                     + f" | {statistics.mean(column['bytes_up']) / 1e6:.3f}"
+                     f" | {statistics.mean(column['bytes_down']) / 1e6:.3f}"
                      f" | {statistics.mean(column['seconds']):.0f} |")
     first = next(iter(results.values()))
     initial = [row["initial_exact_match"] for row in first.values()]

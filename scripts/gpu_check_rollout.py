@@ -20,7 +20,8 @@ def report(name: str, out, seconds: float) -> None:
     leaves = sum(len(q.completions) for q in out)
     print(f"{name:<22} {seconds:8.2f} s  {decoded / len(out):9.1f} decoded tokens/question  "
           f"{decoded / seconds:10.1f} tokens/s  {leaves // len(out)} leaves/question  "
-          f"forks/q {sum(q.stats.forks for q in out) / len(out):.1f}  pruned/q {sum(q.stats.pruned for q in out) / len(out):.1f}",
+          f"forks/q {sum(q.stats.forks for q in out) / len(out):.1f}  "
+          f"pruned/q {sum(q.stats.pruned for q in out) / len(out):.1f}",
           flush=True)
 
 
@@ -38,8 +39,8 @@ def main() -> None:
     from llmrec.data.reasoning import ReasoningTaskConfig, reasoning_examples
     from llmrec.rollout import HFRollout, SamplingConfig, TreeConfig, VLLMRollout
 
-    questions = reasoning_examples(ReasoningTaskConfig(train_size=0, valid_size=0, test_size=args.questions, levels=[3, 4]),
-                                   "test", 0)["prompt"]
+    questions = reasoning_examples(ReasoningTaskConfig(train_size=0, valid_size=0, test_size=args.questions,
+                                                       levels=[3, 4]), "test", 0)["prompt"]
     if args.tiny:
         from llmrec.models.tiny import build_tiny_model, train_tokenizer
 
@@ -50,8 +51,11 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to("cuda").eval()
-        questions = [tokenizer.apply_chat_template([{"role": "user", "content": q + " Put the final answer after ####."}],
-                                                   tokenize=False, add_generation_prompt=True) for q in questions]
+        questions = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q + " Put the final answer after ####."}],
+                                          tokenize=False, add_generation_prompt=True)
+            for q in questions
+        ]
     prompts = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in questions]
     eos = [tokenizer.eos_token_id]
     sampling = SamplingConfig(temperature=0.8, max_new_tokens=args.max_new_tokens)

@@ -79,7 +79,9 @@ def tokenizer():
     """A small BPE tokenizer for adapter tests (a test module may override it with its own texts)."""
     from llmrec.models.tiny import train_tokenizer
 
-    return train_tokenizer(["A user liked these items: Golden Jazz River. Will the user like it? Answer: Yes No"] * 20, 300)
+    return train_tokenizer(
+        ["A user liked these items: Golden Jazz River. Will the user like it? Answer: Yes No"] * 20, 300
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Preference alignment: softmax DPO against TRL's DPO, CausalDPO against softmax DPO, masking, the environment head."""
+"""Preference alignment: softmax DPO against TRL's DPO, CausalDPO against softmax DPO, masking, the environment
+head."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from llmrec.models.tiny import build_tiny_model, train_tokenizer
 from llmrec.trainers.causal_dpo import CausalDPOConfig, CausalDPOTrainer, EnvironmentHead, weighted_mmd2
 from llmrec.trainers.softmax_dpo import SoftmaxDPOConfig, SoftmaxDPOTrainer
 
-TITLES = ["Golden River", "Silent Road", "Wild Jazz", "Quiet Garden", "Frozen Empire", "Lost Letters", "Bright Station",
-          "Velvet Dreams", "Iron Harbor", "Crimson Kingdom"]
+TITLES = ["Golden River", "Silent Road", "Wild Jazz", "Quiet Garden", "Frozen Empire", "Lost Letters",
+          "Bright Station", "Velvet Dreams", "Iron Harbor", "Crimson Kingdom"]
 
 
 def _prompt(i: int) -> str:
@@ -43,7 +44,8 @@ def base(tokenizer):
 
 def _policy(base):
     torch.manual_seed(0)
-    return get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return get_peft_model(copy.deepcopy(base),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
 def _args(config_class, tmp_path, **extra):
@@ -78,10 +80,13 @@ def _multi(rows=ROWS, **columns) -> Dataset:
 
 def test_softmax_dpo_with_one_negative_is_trl_sigmoid_dpo(tokenizer, base, tmp_path):
     pairs = [(p, c, n[0]) for p, c, n in ROWS]
-    trl_rows = Dataset.from_dict({"prompt": [r[0] for r in pairs], "chosen": [r[1] for r in pairs], "rejected": [r[2] for r in pairs]})
+    trl_rows = Dataset.from_dict({"prompt": [r[0] for r in pairs], "chosen": [r[1] for r in pairs],
+                                  "rejected": [r[2] for r in pairs]})
     ours_rows = _multi([(p, c, [n]) for p, c, n in pairs])
-    reference = DPOTrainer(_policy(base), args=_args(DPOConfig, tmp_path / "a"), train_dataset=trl_rows, processing_class=tokenizer)
-    ours = SoftmaxDPOTrainer(_policy(base), args=_args(SoftmaxDPOConfig, tmp_path / "b"), train_dataset=ours_rows, processing_class=tokenizer)
+    reference = DPOTrainer(_policy(base), args=_args(DPOConfig, tmp_path / "a"), train_dataset=trl_rows,
+                           processing_class=tokenizer)
+    ours = SoftmaxDPOTrainer(_policy(base), args=_args(SoftmaxDPOConfig, tmp_path / "b"), train_dataset=ours_rows,
+                             processing_class=tokenizer)
     _perturb(reference.model)
     _perturb(ours.model)
     batch_rows = [0, 1, 2, 3]
@@ -97,11 +102,13 @@ def test_softmax_dpo_with_one_negative_is_trl_sigmoid_dpo(tokenizer, base, tmp_p
     for name in grads:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-6, atol=1e-9, msg=name)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
-        assert ours._metrics["train"][key][-1] == pytest.approx(reference._metrics["train"][key][-1], rel=1e-5, abs=1e-7)
+        assert ours._metrics["train"][key][-1] == pytest.approx(reference._metrics["train"][key][-1], rel=1e-5,
+                                                                abs=1e-7)
 
 
 def test_rows_with_different_numbers_of_negatives_equal_the_per_row_losses(tokenizer, base, tmp_path):
-    trainer = SoftmaxDPOTrainer(_policy(base), args=_args(SoftmaxDPOConfig, tmp_path), train_dataset=_multi(), processing_class=tokenizer)
+    trainer = SoftmaxDPOTrainer(_policy(base), args=_args(SoftmaxDPOConfig, tmp_path), train_dataset=_multi(),
+                                processing_class=tokenizer)
     _perturb(trainer.model)
     rows = [0, 1, 2]  # 3, 1 and 2 negatives
     batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
@@ -138,10 +145,12 @@ def _ref(model):
 
 
 def test_causal_dpo_with_one_environment_and_no_penalty_is_softmax_dpo(tokenizer, base, tmp_path):
-    softmax = SoftmaxDPOTrainer(_policy(base), args=_args(SoftmaxDPOConfig, tmp_path / "a"), train_dataset=_multi(), processing_class=tokenizer)
+    softmax = SoftmaxDPOTrainer(_policy(base), args=_args(SoftmaxDPOConfig, tmp_path / "a"), train_dataset=_multi(),
+                                processing_class=tokenizer)
     causal = CausalDPOTrainer(
         _policy(base),
-        args=_args(CausalDPOConfig, tmp_path / "b", num_environments=1, invariance_weight=0.0, environment_init_samples=6),
+        args=_args(CausalDPOConfig, tmp_path / "b", num_environments=1, invariance_weight=0.0,
+                   environment_init_samples=6),
         train_dataset=_multi(),
         processing_class=tokenizer,
     )
@@ -168,7 +177,8 @@ def test_environment_head_trains_and_reloads_with_identical_memberships(tokenize
     assert not torch.equal(before["centres"], after["centres"])
     assert head.membership_count == 6 + 3 * 4 - 2  # 3 steps over 6 rows in batches of 4: 4 + 2 + 4
     logged = trainer.state.log_history[0]
-    assert {"loss/backdoor", "loss/invariance", "environment/0/mass", "environment/1/mass", "rewards/accuracies"} <= logged.keys()
+    assert {"loss/backdoor", "loss/invariance", "environment/0/mass", "environment/1/mass",
+            "rewards/accuracies"} <= logged.keys()
 
     trainer.save_model(str(tmp_path / "saved"))
     assert {"environment_head.safetensors", "environment_head.json", "adapter_model.safetensors"} <= {
@@ -220,7 +230,8 @@ def test_weighted_mmd_is_zero_for_equal_weights_and_positive_otherwise():
 )
 def test_bad_preference_rows(tokenizer, base, tmp_path, rows, message):
     with pytest.raises(LLMRecError, match=message):
-        SoftmaxDPOTrainer(_policy(base), args=_args(SoftmaxDPOConfig, tmp_path), train_dataset=rows, processing_class=tokenizer)
+        SoftmaxDPOTrainer(_policy(base), args=_args(SoftmaxDPOConfig, tmp_path), train_dataset=rows,
+                          processing_class=tokenizer)
 
 
 def test_bad_causal_dpo_settings(tokenizer, base, tmp_path):
@@ -277,8 +288,8 @@ def test_pairwise_dpo_recipe_with_the_models_own_hard_negatives(tmp_path):
 
 def test_causal_dpo_resumes_its_environment_head_from_a_checkpoint(tokenizer, base, tmp_path):
     def trainer(folder, **extra):
-        settings = dict(num_environments=2, invariance_weight=0.1, max_steps=4, learning_rate=5e-3, environment_init_samples=6,
-                        save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+        settings = dict(num_environments=2, invariance_weight=0.1, max_steps=4, learning_rate=5e-3,
+                        environment_init_samples=6, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
         args = _args(CausalDPOConfig, folder, **{**settings, **extra})
         return CausalDPOTrainer(_policy(base), args=args, train_dataset=_multi(), processing_class=tokenizer)
 
@@ -304,12 +315,13 @@ def test_a_fully_fine_tuned_model_is_saved_without_the_head(tokenizer, base, tmp
 
     policy = copy.deepcopy(base)
     args = _args(CausalDPOConfig, tmp_path, num_environments=2, environment_init_samples=6)
-    trainer = CausalDPOTrainer(policy, ref_model=copy.deepcopy(base), args=args, train_dataset=_multi(), processing_class=tokenizer)
+    trainer = CausalDPOTrainer(policy, ref_model=copy.deepcopy(base), args=args, train_dataset=_multi(),
+                               processing_class=tokenizer)
     trainer.save_model(str(tmp_path / "saved"))
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as handle:
-        assert not [k for k in handle.keys() if "environment_head" in k]
+        assert not [k for k in handle.keys() if "environment_head" in k]  # noqa: SIM118 (safe_open is not iterable)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert not hasattr(reloaded, "environment_head")
     assert EnvironmentHead.from_pretrained(tmp_path / "saved").config["num_environments"] == 2

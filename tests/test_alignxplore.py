@@ -17,9 +17,9 @@ from llmrec.data.preference_summaries import (
     format_output,
     format_prompt,
     parse_output,
-    synthesise,
 )
 from llmrec.eval.judges import JudgeQuestion, RuleJudge
+from llmrec.tasks.preference_summary import synthesise
 from llmrec.trainers.alignxplore import AlignXploreConfig, group_advantages, streaming_rewards
 
 
@@ -81,7 +81,8 @@ def test_synthesis_keeps_only_summaries_the_judge_verifies():
         summary = parse_output(row["completion"])[1]
         part1_, part2, part3 = by_user[row["user_id"]].parts()
         targets = (part2 if row["kind"] == "first" else part3)[: config.max_targets]
-        correct = [p > 0.5 for p in judge.prob_correct([JudgeQuestion(summary, t.query, t.chosen, t.rejected) for t in targets])]
+        correct = [p > 0.5 for p in judge.prob_correct([JudgeQuestion(summary, t.query, t.chosen, t.rejected)
+                                                        for t in targets])]
         assert sum(correct) / len(targets) >= config.min_merged_accuracy
     kept_users = {r.user_id for r in records if r.stage == "merged" and r.kept}
     assert {row["user_id"] for row in rows if row["kind"] == "first"} == kept_users
@@ -90,7 +91,8 @@ def test_synthesis_keeps_only_summaries_the_judge_verifies():
 
 
 def test_prompts_carry_the_past_summary_and_every_behaviour():
-    behaviours = [Behaviour("Which movie?", "A (comedy)", "B (horror)"), Behaviour("Which movie?", "C (drama)", "D (war)")]
+    behaviours = [Behaviour("Which movie?", "A (comedy)", "B (horror)"),
+                  Behaviour("Which movie?", "C (drama)", "D (war)")]
     first, update = format_prompt(None, behaviours), format_prompt("Likes comedy.", behaviours)
     assert "Past preference summary: Not provided." in first and "Past preference summary: Likes comedy." in update
     assert "1. Which movie? Chosen: A (comedy). Rejected: B (horror)." in first and "2. " in first
@@ -110,7 +112,8 @@ def test_teacher_candidates_differ_and_merge_keeps_the_majority():
     teacher = TemplateTeacher(dropout=0.5)
     outputs = teacher.write(None, user.parts()[0], user.parts()[1][0], 6, np.random.default_rng(0))
     assert all(parse_output(o) for o in outputs) and len(set(outputs)) > 1
-    assert teacher.merge(["Likes comedy, drama.", "Likes comedy. Dislikes war.", "Likes drama."]) == "Likes comedy, drama."
+    assert (teacher.merge(["Likes comedy, drama.", "Likes comedy. Dislikes war.", "Likes drama."])
+            == "Likes comedy, drama.")
     assert format_output("r", "s") == " <think>r</think> s"
 
 
@@ -149,7 +152,8 @@ def test_sft_then_rl_chain_end_to_end(tmp_path):
     result = run_cli("train", str(rl))
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "ax-rl"
-    history = json.loads((run / "checkpoints" / "stage0-alignxplore" / "result" / "llmrec_stage.json").read_text())["log_history"]
+    history = json.loads(
+        (run / "checkpoints" / "stage0-alignxplore" / "result" / "llmrec_stage.json").read_text())["log_history"]
     logged = {k for entry in history for k in entry}
     assert {"summary/format", "summary/judge", "summary/format2", "summary/judge2"} <= logged
     assert "test/streaming" in json.loads((run / "metrics.json").read_text())
@@ -159,7 +163,8 @@ def test_recipe_without_summaries_is_refused(tmp_path):
     from llmrec.errors import LLMRecError
     from llmrec.recipe import load_recipe
 
-    path = write_recipe(tmp_path / "r.yaml", {"run": {"name": "x", "output_dir": str(tmp_path)}, "model": {"name": "tiny:qwen2-xs"},
+    path = write_recipe(tmp_path / "r.yaml", {"run": {"name": "x", "output_dir": str(tmp_path)},
+                                              "model": {"name": "tiny:qwen2-xs"},
                                               "stages": [{"trainer": "alignxplore_sft"}]})
     with pytest.raises(LLMRecError, match=r"r\.yaml:\d+.*data.summaries"):
         load_recipe(path)
@@ -185,8 +190,9 @@ def test_rl_rows_hold_each_training_users_parts_and_targets(tmp_path):
 
 
 def test_a_model_teacher_is_prompted_with_the_guide_and_its_outputs_are_verified():
-    from llmrec.data.preference_summaries import ModelTeacher, TeacherConfig, build_teacher
+    from llmrec.data.preference_summaries import TeacherConfig
     from llmrec.errors import LLMRecError
+    from llmrec.tasks.preference_summary import ModelTeacher, build_teacher
 
     users = persona_world(BehaviourDataConfig(num_users=6), seed=0)
     seen = []
@@ -195,7 +201,8 @@ def test_a_model_teacher_is_prompted_with_the_guide_and_its_outputs_are_verified
         seen.extend(prompts)
         if prompts[0].startswith("You are a user preference analyst.\nSummary 1:"):
             return [[" <think>merged</think> " + prompts[0].split("Summary 1: ")[1].split("\n")[0]]]
-        first_lines = {u.user_id: [format_prompt(None, part[:1]).split("\n")[3] for part in u.parts()[:2]] for u in users}
+        first_lines = {u.user_id: [format_prompt(None, part[:1]).split("\n")[3] for part in u.parts()[:2]]
+                       for u in users}
         user = next(u for u in users if any(line in prompts[0] for line in first_lines[u.user_id]))
         return [[" <think>from the choices</think> " + describe_persona(user.preferences), "no think block"][:count]]
 

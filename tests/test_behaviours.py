@@ -279,7 +279,8 @@ def test_user_split(personas):
 def test_hub_source_reads_the_same_records_through_datasets(tmp_path):
     folder = tmp_path / "alignx"
     folder.mkdir()
-    rows = [{"user_id": f"u{u}", "query": f"q{k}", "chosen": f"c{k}", "rejected": f"r{k}"} for u in range(2) for k in range(6)]
+    rows = [{"user_id": f"u{u}", "query": f"q{k}", "chosen": f"c{k}", "rejected": f"r{k}"}
+            for u in range(2) for k in range(6)]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     users = load_behaviours(BehaviourDataConfig(source="hub", dataset=str(folder)), seed=0)
     assert [u.user_id for u in users] == ["u0", "u1"] and len(users[0].behaviours) == 6

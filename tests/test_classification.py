@@ -13,10 +13,10 @@ import torch
 from conftest import small_recipe, write_recipe
 from datasets import Dataset, DatasetDict
 
+from llmrec.answers import prompt_answer_logits
 from llmrec.data import ClassificationTaskConfig, classification_examples, classification_tokenizer_texts
 from llmrec.data.classification import NEGATIVE, POSITIVE
 from llmrec.errors import LLMRecError
-from llmrec.eval.answers import prompt_answer_logits
 from llmrec.eval.classification import accuracy, label_token_ids, majority_class, predict
 from llmrec.models.tiny import train_tokenizer
 
@@ -59,7 +59,8 @@ def test_no_single_word_decides_the_sentiment():
 def test_glue_rows_come_from_datasets_with_the_validation_split_as_test(monkeypatch):
     official = DatasetDict({
         "train": Dataset.from_dict({"sentence1": [f"premise {k}" for k in range(30)],
-                                    "sentence2": [f"hypothesis {k}" for k in range(30)], "label": [k % 2 for k in range(30)]}),
+                                    "sentence2": [f"hypothesis {k}" for k in range(30)],
+                                    "label": [k % 2 for k in range(30)]}),
         "validation": Dataset.from_dict({"sentence1": ["p"] * 8, "sentence2": ["h"] * 8, "label": [0, 1] * 4}),
     })
     calls = []
@@ -75,7 +76,8 @@ def test_glue_rows_come_from_datasets_with_the_validation_split_as_test(monkeypa
         raise ConnectionError("Couldn't reach the Hugging Face Hub (offline mode is enabled)")
 
     monkeypatch.setattr("datasets.load_dataset", offline)
-    with pytest.raises(LLMRecError, match=r"could not load cb \(aps/super_glue[\s\S]*offline[\s\S]*task: sentiment") as caught:
+    with pytest.raises(LLMRecError,
+                       match=r"could not load cb \(aps/super_glue[\s\S]*offline[\s\S]*task: sentiment") as caught:
         classification_examples(config.model_copy(update={"glue_task": "cb", "label_words": [" a", " b", " c"],
                                                           "prompt_template": "{text} {text2}"}), "train", seed=0)
     assert caught.value.place == "data.classification.glue_task"
@@ -141,7 +143,8 @@ def classification_recipe(tmp_path, name, adapter=None, **sections):
 )
 def test_a_classification_recipe_trains_and_reports_accuracy(tmp_path, adapter, capsys):
     from llmrec.recipe import load_recipe
-    from llmrec.run import RunDir, train
+    from llmrec.run import train
+    from llmrec.rundir import RunDir
 
     recipe = load_recipe(classification_recipe(tmp_path, "lora" if adapter is None else "ept", adapter))
     metrics = train(recipe)
@@ -175,13 +178,16 @@ def test_label_words_sharing_a_first_token_stop_the_run_before_training(tmp_path
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.classification=null"], r"bad.yaml:\d+: eval.task: the classification evaluation needs a data.classification"),
+        (["data.classification=null"],
+         r"bad.yaml:\d+: eval.task: the classification evaluation needs a data.classification"),
         (["eval.task=ranking"], r"eval.task: with data.classification, trainer sft trains on classification rows"),
-        (['data.classification.prompt_template="Review: {review}"'], r"prompt_template: prompt_template must contain \{text\}"),
+        (['data.classification.prompt_template="Review: {review}"'],
+         r"prompt_template: prompt_template must contain \{text\}"),
         (['data.classification.label_words=[" no", " yes", " maybe"]'],
          r"data.classification: label_words must have one word per class: sentiment has 2, not 3"),
         (["data.classification.task=glue"], r"data.classification: task: glue needs glue_task"),
-        (["eval.splits=[ood_temporal]", "data.shifts=[{kind: temporal}]"], r"eval.splits: a classification task has test"),
+        (["eval.splits=[ood_temporal]", "data.shifts=[{kind: temporal}]"],
+         r"eval.splits: a classification task has test"),
     ],
     ids=["no-task", "ranking-eval", "template", "label-count", "glue-task", "ood-split"],
 )

@@ -7,20 +7,20 @@ import copy
 
 import pytest
 import torch
+from conftest import run_cli, small_recipe, write_recipe
 from transformers import AutoModelForCausalLM
 
 from llmrec.adapters.cora import CoRAConfig, CoRALinear, CoRAModel
 from llmrec.cf import CFModel
 from llmrec.errors import LLMRecError
 
-from conftest import run_cli, small_recipe, write_recipe
-
 USERS, ITEMS = [f"u{k}" for k in range(6)], [f"i{k}" for k in range(9)]
 
 
 def _cf(seed: int = 0) -> CFModel:
     generator = torch.Generator().manual_seed(seed)
-    return CFModel(USERS, ITEMS, torch.randn(len(USERS), 16, generator=generator), torch.randn(len(ITEMS), 16, generator=generator))
+    return CFModel(USERS, ITEMS, torch.randn(len(USERS), 16, generator=generator),
+                   torch.randn(len(ITEMS), 16, generator=generator))
 
 
 def _cora(base, **args) -> CoRAModel:
@@ -28,7 +28,8 @@ def _cora(base, **args) -> CoRAModel:
 
 
 def _batch(tokenizer, model: CoRAModel, users=("u0", "u1", "u2"), items=("i0", "i4", "i8")):
-    encoded = tokenizer(["Golden Jazz River", "Will the user like it?", "Answer: Yes"], return_tensors="pt", padding=True)
+    encoded = tokenizer(["Golden Jazz River", "Will the user like it?", "Answer: Yes"], return_tensors="pt",
+                        padding=True)
     return {**encoded, **model.cf_index(list(users), list(items))}
 
 
@@ -184,7 +185,8 @@ def cora_recipe(tmp_path, name="cora", adapter=None, **eval_args):
 
 def test_a_cora_recipe_trains_evaluates_and_exports(tmp_path):
     from llmrec.recipe import load_recipe
-    from llmrec.run import RunDir, train
+    from llmrec.run import train
+    from llmrec.rundir import RunDir
 
     recipe = load_recipe(cora_recipe(tmp_path))
     metrics = train(recipe)
@@ -213,7 +215,8 @@ def test_a_cora_recipe_must_evaluate_the_ctr_task_and_say_so_before_running(tmp_
     from llmrec.recipe import load_recipe
 
     path = cora_recipe(tmp_path, "ranked", task="ranking")
-    with pytest.raises(LLMRecError, match=r"ranked.yaml:\d+: eval.task: CoRA is trained and evaluated on the Yes/No CTR"):
+    with pytest.raises(LLMRecError,
+                       match=r"ranked.yaml:\d+: eval.task: CoRA is trained and evaluated on the Yes/No CTR"):
         load_recipe(path)
     with pytest.raises(LLMRecError, match="data: CoRA needs a data.ctr section"):
         load_recipe(path, ["eval.task=ctr", "data.ctr=null"])
@@ -230,12 +233,14 @@ def test_the_text_only_lora_baseline_runs_through_the_same_loop(tmp_path):
 
 
 def test_left_padded_ctr_scores_equal_one_prompt_at_a_time(tokenizer, base):
-    from llmrec.eval.answers import AnswerCollator, answer_logits
+    from llmrec.answers import AnswerCollator, answer_logits
 
     model = _cora(base).eval()
     _perturb(model)
-    prompts = [tokenizer("Golden Jazz River. Will the user like it? Answer:")["input_ids"], tokenizer("Answer:")["input_ids"]]
-    rows = [{"input_ids": ids, "label": 1, "user_id": u, "item_id": i} for ids, u, i in zip(prompts, ("u0", "u1"), ("i2", "i3"))]
+    prompts = [tokenizer("Golden Jazz River. Will the user like it? Answer:")["input_ids"],
+               tokenizer("Answer:")["input_ids"]]
+    rows = [{"input_ids": ids, "label": 1, "user_id": u, "item_id": i}
+            for ids, u, i in zip(prompts, ("u0", "u1"), ("i2", "i3"))]
     collate = AnswerCollator(tokenizer.pad_token_id, model.cf_index)
     answers = (5, 9)
     with torch.no_grad():
@@ -250,7 +255,8 @@ def test_an_interrupted_cora_stage_resumes_to_the_same_adapter(tmp_path, caplog)
     from safetensors.torch import load_file
 
     from llmrec.recipe import load_recipe
-    from llmrec.run import RunDir, train
+    from llmrec.run import train
+    from llmrec.rundir import RunDir
 
     straight = load_recipe(cora_recipe(tmp_path, "straight"))
     train(straight)

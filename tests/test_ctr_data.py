@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from llmrec.data import CTRTaskConfig, DataConfig, RecData, ctr_examples, ctr_tokenizer_texts, load_data
+from llmrec.data import CTRTaskConfig, RecData, ctr_examples, ctr_tokenizer_texts, load_data
 from llmrec.data.synthetic import SyntheticWorldConfig, generate_world, latent_factors
 from llmrec.errors import LLMRecError
+from llmrec.recipe import DataConfig
 
 # --- a hand-made world with known answers -----------------------------------------------------------------------
 
@@ -179,7 +180,8 @@ def test_bad_settings_are_rejected_naming_the_field(ctr, message):
 
 
 def test_recipe_section_and_tokenizer_texts():
-    config = DataConfig.model_validate({"ctr": {"like_threshold": 3, "prompt_template": "Fan of {history}; {target}?"}})
+    config = DataConfig.model_validate({"ctr": {"like_threshold": 3,
+                                                "prompt_template": "Fan of {history}; {target}?"}})
     assert config.ctr.like_threshold == 3.0 and DataConfig().ctr is None
     texts = ctr_tokenizer_texts(config.ctr)
     assert texts == ["Fan of title\ntitle; title? Yes", "Fan of title\ntitle; title? No"]
@@ -213,7 +215,8 @@ def _fingerprint(config: SyntheticWorldConfig, seed: int) -> str:
 
 def test_default_world_is_unchanged_by_latent_factors():
     # computed before latent factors existed: the defaults must keep generating exactly that world
-    assert _fingerprint(SyntheticWorldConfig(), 0) == "576645b0d8a7c39309d6867fcbf7b06cfe4171d0d48733859e5d697dd288b18d"
+    assert (_fingerprint(SyntheticWorldConfig(), 0)
+            == "576645b0d8a7c39309d6867fcbf7b06cfe4171d0d48733859e5d697dd288b18d")
     small = {"num_users": 50, "num_items": 80, "exposure_bias": [1.0, 0.0]}
     expected = "d68e5f0491094522bcd1fd27dbb72fcbd599f95dcd61e5973da088cdac557409"
     assert _fingerprint(SyntheticWorldConfig(**small), 0) == expected

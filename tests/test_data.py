@@ -28,7 +28,8 @@ def _config(source: dict, **sections) -> DataConfig:
 def test_movielens_100k_original_files(tmp_path):
     (tmp_path / "u.data").write_text("1\t10\t5\t100\n1\t20\t3\t200\n1\t30\t4\t300\n2\t10\t2\t50\n")
     (tmp_path / "u.item").write_bytes(
-        "10|Toy Story (1995)|01-Jan-1995||http://x|0|0\n20|Caf\xe9 (1996)|x||y|0|1\n30|Heat (1995)|x||y|1|0\n".encode("latin-1")
+        ("10|Toy Story (1995)|01-Jan-1995||http://x|0|0\n20|Caf\xe9 (1996)|x||y|0|1\n"
+         "30|Heat (1995)|x||y|1|0\n").encode("latin-1")
     )
     data = load_data(_config({"format": "ml-100k", "path": str(tmp_path)}), 0)
     assert data.titles == {"10": "Toy Story (1995)", "20": "Café (1996)", "30": "Heat (1995)"}
@@ -40,7 +41,9 @@ def test_movielens_100k_original_files(tmp_path):
 
 def test_movielens_1m_files_and_a_malformed_line(tmp_path):
     (tmp_path / "ratings.dat").write_text("1::1::5::978300760\n1::2::3::978302109\n1::3::4::978301968\n")
-    (tmp_path / "movies.dat").write_bytes("1::Toy Story (1995)::Animation\n2::Jumanji (1995)::Adventure\n3::Am\xe9lie (2001)::Comedy\n".encode("latin-1"))
+    (tmp_path / "movies.dat").write_bytes(
+        "1::Toy Story (1995)::Animation\n2::Jumanji (1995)::Adventure\n3::Am\xe9lie (2001)::Comedy\n".encode("latin-1")
+    )
     data = load_data(_config({"format": "ml-1m", "path": str(tmp_path)}), 0)
     assert data.titles["3"] == "Amélie (2001)"
     # ratings.dat is ordered by time within the user, not by file order
@@ -53,13 +56,17 @@ def test_movielens_1m_files_and_a_malformed_line(tmp_path):
 def test_recbole_atomic_files_build_titles_from_columns(tmp_path):
     folder = tmp_path / "mini"
     folder.mkdir()
-    (folder / "mini.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t7\t4\t10\n1\t8\t5\t20\n1\t9\t5\t30\n")
+    (folder / "mini.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t7\t4\t10\n1\t8\t5\t20\n1\t9\t5\t30\n"
+    )
     (folder / "mini.item").write_text(
         "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n7\tHeat\t1995\tAction\n8\tHeat\t1986\tDrama\n9\tFargo\t1996\tCrime\n"
     )
     data = load_data(_config({"format": "recbole", "path": str(folder)}), 0)
     assert data.titles == {"7": "Heat (1995)", "8": "Heat (1986)", "9": "Fargo (1996)"}
-    custom = load_data(_config({"format": "recbole", "path": str(folder), "title_template": "{movie_title} [{class}]"}), 0)
+    custom = load_data(
+        _config({"format": "recbole", "path": str(folder), "title_template": "{movie_title} [{class}]"}), 0
+    )
     assert custom.titles["9"] == "Fargo [Crime]"
     with pytest.raises(LLMRecError, match="names column 'genre'"):
         load_data(_config({"format": "recbole", "path": str(folder), "title_template": "{genre}"}), 0)
@@ -68,11 +75,13 @@ def test_recbole_atomic_files_build_titles_from_columns(tmp_path):
 def _amazon(tmp_path, reviews: list, meta: list):
     (tmp_path / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
     (tmp_path / "meta.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
-    return _config({"format": "amazon", "reviews": str(tmp_path / "reviews.jsonl"), "meta": str(tmp_path / "meta.jsonl")})
+    return _config({"format": "amazon", "reviews": str(tmp_path / "reviews.jsonl"),
+                    "meta": str(tmp_path / "meta.jsonl")})
 
 
 def test_amazon_reviews_jsonl(tmp_path):
-    reviews = [{"user_id": "U1", "parent_asin": f"B{i}", "asin": "x", "rating": 5.0, "timestamp": 1000 + i, "text": "ok"} for i in range(3)]
+    reviews = [{"user_id": "U1", "parent_asin": f"B{i}", "asin": "x", "rating": 5.0, "timestamp": 1000 + i,
+                "text": "ok"} for i in range(3)]
     meta = [{"parent_asin": f"B{i}", "title": f"Gadget {i}", "main_category": "Tools"} for i in range(3)]
     data = load_data(_amazon(tmp_path, reviews, meta), 0)
     assert data.titles == {"B0": "Gadget 0", "B1": "Gadget 1", "B2": "Gadget 2"}
@@ -80,7 +89,8 @@ def test_amazon_reviews_jsonl(tmp_path):
 
 
 def test_malformed_jsonl_line_is_reported_with_its_number(tmp_path):
-    config = _amazon(tmp_path, [{"user_id": "U1", "parent_asin": "B0", "timestamp": 1}], [{"parent_asin": "B0", "title": "A"}])
+    config = _amazon(tmp_path, [{"user_id": "U1", "parent_asin": "B0", "timestamp": 1}],
+                     [{"parent_asin": "B0", "title": "A"}])
     with open(tmp_path / "reviews.jsonl", "a") as handle:
         handle.write('{"user_id": "U1", "parent_asin": "B1" "timestamp": 2}\n')
     with pytest.raises(LLMRecError) as err:
@@ -89,7 +99,8 @@ def test_malformed_jsonl_line_is_reported_with_its_number(tmp_path):
 
 
 def test_generic_tables_with_a_column_map(tmp_path):
-    pd.DataFrame({"uid": [1, 1, 1], "iid": ["a", "b", "c"], "when": [3, 1, 2], "stars": [5, 4, 3]}).to_parquet(tmp_path / "i.parquet")
+    (pd.DataFrame({"uid": [1, 1, 1], "iid": ["a", "b", "c"], "when": [3, 1, 2], "stars": [5, 4, 3]})
+     .to_parquet(tmp_path / "i.parquet"))
     (tmp_path / "c.csv").write_text("code,name\na,Alpha\nb,Beta\nc,Gamma\n")
     config = _config(
         {
@@ -103,7 +114,8 @@ def test_generic_tables_with_a_column_map(tmp_path):
     data = load_data(config, 0)
     assert list(data.interactions_frame.item_id) == ["b", "c", "a"]
     assert data.titles == {"a": "Alpha", "b": "Beta", "c": "Gamma"}
-    (tmp_path / "i.jsonl").write_text("".join(json.dumps({"user_id": 1, "item_id": i, "timestamp": t}) + "\n" for i, t in zip("abc", (1, 2, 3))))
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps({"user_id": 1, "item_id": i, "timestamp": t}) + "\n"
+                                              for i, t in zip("abc", (1, 2, 3))))
     jsonl = _config({"format": "table", "interactions": str(tmp_path / "i.jsonl"), "catalog": str(tmp_path / "c.csv"),
                      "catalog_columns": {"item_id": "code", "title": "name"}})
     assert load_data(jsonl, 0).num_items == 3
@@ -113,9 +125,11 @@ def test_missing_column_missing_file_and_unknown_items(tmp_path):
     (tmp_path / "i.csv").write_text("user,item_id,timestamp\n1,a,1\n")
     (tmp_path / "c.csv").write_text("item_id,title\na,Alpha\n")
     config = _config({"format": "table", "interactions": str(tmp_path / "i.csv"), "catalog": str(tmp_path / "c.csv")})
-    with pytest.raises(LLMRecError, match=r"i\.csv: column 'user_id' not found; the columns are user, item_id, timestamp"):
+    with pytest.raises(LLMRecError,
+                       match=r"i\.csv: column 'user_id' not found; the columns are user, item_id, timestamp"):
         load_data(config, 0)
-    missing = _config({"format": "table", "interactions": str(tmp_path / "nope.csv"), "catalog": str(tmp_path / "c.csv")})
+    missing = _config({"format": "table", "interactions": str(tmp_path / "nope.csv"),
+                       "catalog": str(tmp_path / "c.csv")})
     with pytest.raises(LLMRecError, match=r"data\.source\.interactions: file not found: .*nope\.csv"):
         load_data(missing, 0)
     (tmp_path / "i.csv").write_text("user_id,item_id,timestamp\n1,a,1\n1,zz,2\n")
@@ -161,7 +175,8 @@ def _frame(rows):
 
 
 def test_k_core_leaves_every_user_and_item_with_k_interactions():
-    interactions, _ = generate_world(SyntheticWorldConfig(format="synthetic", num_users=80, num_items=60, min_interactions=3, max_interactions=8), 3)
+    interactions, _ = generate_world(SyntheticWorldConfig(format="synthetic", num_users=80, num_items=60,
+                                                          min_interactions=3, max_interactions=8), 3)
     core = k_core(interactions, 5)
     assert len(core) < len(interactions)
     assert core.groupby("user_id").size().min() >= 5 and core.groupby("item_id").size().min() >= 5
@@ -231,7 +246,8 @@ def test_next_item_examples_use_only_earlier_items():
 def test_prompt_template_must_hold_history_once():
     with pytest.raises(ValueError, match="exactly once"):
         NextItemTaskConfig(prompt_template="no placeholder")
-    task = NextItemTaskConfig(prompt_template="Seen: {history}\nNext:\n", history_item_template="{item_id}={title}", history_separator="; ")
+    task = NextItemTaskConfig(prompt_template="Seen: {history}\nNext:\n", history_item_template="{item_id}={title}",
+                              history_separator="; ")
     assert format_prompt(task, ["1", "2"], {"1": "A", "2": "B"}) == "Seen: 1=A; 2=B\nNext:\n"
     assert task.completion_anchor == "\nNext:\n"
 
@@ -250,7 +266,8 @@ def test_default_world_through_load_data():
 
 
 def _world(**source):
-    return load_data(_config({"format": "synthetic", "num_users": 80, "num_items": 60, "max_interactions": 15, **source}), 0)
+    return load_data(_config({"format": "synthetic", "num_users": 80, "num_items": 60, "max_interactions": 15,
+                              **source}), 0)
 
 
 def test_negatives_avoid_positives_and_follow_the_sampler():
@@ -277,10 +294,12 @@ def test_negatives_avoid_positives_and_follow_the_sampler():
     assert mean_pop(popular) > 1.1 * mean_pop(rows)  # popular items are also more often positives, so excluded
 
     ranked = sorted(titles)[:6]
-    hard = preference_examples(data, "train", task, PreferenceDataConfig(negatives=2, sampler="model", model_top_k=6), 0,
+    hard = preference_examples(data, "train", task,
+                               PreferenceDataConfig(negatives=2, sampler="model", model_top_k=6), 0,
                                rank=lambda prompts, excluded, k: [ranked for _ in prompts])
     for row in hard:
-        allowed = [titles[i] for i in ranked if titles[i] != row["chosen"] and titles[i] not in positives[row["user_id"]]]
+        allowed = [titles[i] for i in ranked
+                   if titles[i] != row["chosen"] and titles[i] not in positives[row["user_id"]]]
         assert set(row["rejected"]) <= set(allowed) or len(allowed) < 2
     assert len(pairwise_rows(rows.select(range(3)))) == 12
 
@@ -289,7 +308,8 @@ def test_negatives_avoid_positives_and_follow_the_sampler():
 
 
 def test_temporal_shift_holds_out_each_users_latest_interactions():
-    data = load_data(_config({"format": "synthetic", "num_users": 50, "num_items": 60}, shifts=[{"kind": "temporal", "fraction": 0.2}]), 0)
+    data = load_data(_config({"format": "synthetic", "num_users": 50, "num_items": 60},
+                             shifts=[{"kind": "temporal", "fraction": 0.2}]), 0)
     frame = data.interactions_frame
     for _, user in frame.groupby("user_id", sort=False):
         splits = list(user.split)
@@ -300,7 +320,8 @@ def test_temporal_shift_holds_out_each_users_latest_interactions():
 
 
 def test_environment_shift_never_trains_on_held_out_users():
-    source = {"format": "synthetic", "num_users": 80, "num_items": 60, "exposure_bias": [1.0, 0.0], "environment_weights": [0.7, 0.3]}
+    source = {"format": "synthetic", "num_users": 80, "num_items": 60, "exposure_bias": [1.0, 0.0],
+              "environment_weights": [0.7, 0.3]}
     data = load_data(_config(source, shifts=[{"kind": "environment", "ood_environments": [1]}]), 0)
     frame = data.interactions_frame
     held = frame[frame.environment == 1]

@@ -11,9 +11,9 @@ from conftest import run_cli, write_recipe
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
+from llmrec.answers import extract_answer, majority_vote, normalize_answer
 from llmrec.data.reasoning import ReasoningTaskConfig, reasoning_examples
 from llmrec.errors import LLMRecError
-from llmrec.eval.reasoning import extract_answer, majority_vote, normalize_answer
 from llmrec.trainers.echo import (
     ECHOConfig,
     ECHOTrainer,
@@ -98,8 +98,8 @@ def test_hybrid_advantage_and_adaptive_clip_arithmetic():
 
 
 def _cpu_args(**overrides) -> dict:
-    return {"output_dir": "unused", "use_cpu": True, "bf16": False, "num_generations": 2, "per_device_train_batch_size": 2,
-            **overrides}
+    return {"output_dir": "unused", "use_cpu": True, "bf16": False, "num_generations": 2,
+            "per_device_train_batch_size": 2, **overrides}
 
 
 def test_config_refuses_fewer_votes_than_generations_and_unknown_tree_settings():
@@ -136,7 +136,8 @@ def _trainers(tokenizer, tmp_path, **echo_overrides):
         return copy.deepcopy(recorded["out"])
 
     echo.rollout_func = replay
-    grpo = GRPOTrainer(copy.deepcopy(model), [majority_vote_reward], GRPOConfig(output_dir=str(tmp_path / "grpo"), **common),
+    grpo = GRPOTrainer(copy.deepcopy(model), [majority_vote_reward],
+                       GRPOConfig(output_dir=str(tmp_path / "grpo"), **common),
                        train_dataset=dataset, processing_class=tokenizer, rollout_func=replay)
     return echo, grpo, batch
 
@@ -180,7 +181,8 @@ def test_hybrid_advantage_changes_the_loss_and_a_constant_clip_radius_matches_gr
     plain = {k: v for k, v in shifted.items() if k != "clip_epsilon"}
     assert torch.allclose(echo._compute_loss(echo.model, shifted), GRPOTrainer._compute_loss(echo, echo.model, plain))
     shifted["clip_epsilon"] = torch.full((logps.shape[0],), 0.01)
-    assert not torch.allclose(echo._compute_loss(echo.model, shifted), GRPOTrainer._compute_loss(echo, echo.model, plain))
+    assert not torch.allclose(echo._compute_loss(echo.model, shifted),
+                              GRPOTrainer._compute_loss(echo, echo.model, plain))
 
 
 def test_votes_outnumber_trained_samples(tokenizer, tmp_path):
@@ -199,7 +201,8 @@ def test_votes_outnumber_trained_samples(tokenizer, tmp_path):
 def test_recipe_without_reasoning_data_is_refused(tmp_path):
     from llmrec.recipe import load_recipe
 
-    path = write_recipe(tmp_path / "r.yaml", {"run": {"name": "x", "output_dir": str(tmp_path)}, "model": {"name": "tiny:qwen2-xs"},
+    path = write_recipe(tmp_path / "r.yaml", {"run": {"name": "x", "output_dir": str(tmp_path)},
+                                              "model": {"name": "tiny:qwen2-xs"},
                                               "stages": [{"trainer": "echo", "args": {"num_generations": 2}}]})
     with pytest.raises(LLMRecError, match=r"r\.yaml:\d+.*data.reasoning"):
         load_recipe(path)
@@ -229,7 +232,8 @@ def test_sft_then_test_time_rl_recipe_end_to_end(tmp_path):
     run = tmp_path / "runs" / "echo-e2e"
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["test/mean_accuracy"] <= 1 and metrics["test/questions"] == 4
-    history = json.loads((run / "checkpoints" / "stage1-echo" / "result" / "llmrec_stage.json").read_text())["log_history"]
+    history = json.loads(
+        (run / "checkpoints" / "stage1-echo" / "result" / "llmrec_stage.json").read_text())["log_history"]
     logged = {k for entry in history for k in entry}
     assert {"rollout/decoded_tokens_per_question", "rollout/pruned_fraction", "ttrl/label_agreement",
             "echo/clip_radius", "rollout/mean_entropy"} <= logged
@@ -255,7 +259,8 @@ def test_hub_sources_read_a_local_copy(tmp_path):
 
     folder = tmp_path / "math500"
     folder.mkdir()
-    rows = [{"problem": f"What is {i} + {i}?", "solution": f"It is \\boxed{{{2 * i}}}.", "answer": f"{2 * i}", "level": 1 + i % 5}
+    rows = [{"problem": f"What is {i} + {i}?", "solution": f"It is \\boxed{{{2 * i}}}.", "answer": f"{2 * i}",
+             "level": 1 + i % 5}
             for i in range(5)]
     (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = ReasoningTaskConfig(source="math500", path=str(folder), train_size=None, valid_size=0, test_size=3)

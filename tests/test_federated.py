@@ -140,7 +140,8 @@ def test_strategy_rejects_poisoned_updates_and_averages_the_rest():
     torch.testing.assert_close(state["m.lora_A.weight"], torch.full((2, 3), 0.25 * 1 + 0.75 * 2))
     record = strategy.round_record
     assert record["accepted"] == 2 and [r["client"] for r in record["rejected"]] == [2, 3]
-    assert "non-finite" in record["rejected"][0]["reasons"][0] and "exceeds the bound" in record["rejected"][1]["reasons"][0]
+    assert ("non-finite" in record["rejected"][0]["reasons"][0]
+            and "exceeds the bound" in record["rejected"][1]["reasons"][0])
 
 
 def test_strategy_stops_the_run_when_too_many_clients_fail():
@@ -157,7 +158,8 @@ def test_strategy_stops_the_run_when_too_many_clients_fail():
 
 def test_recipe_errors_name_the_key(tmp_path):
     path = fed_recipe(tmp_path, "fedlora_opt")
-    with pytest.raises(LLMRecError, match="adapter.method: federated.rule 'fedlora_opt' works on adapter.method 'fedlora'"):
+    with pytest.raises(LLMRecError,
+                       match="adapter.method: federated.rule 'fedlora_opt' works on adapter.method 'fedlora'"):
         load_recipe(path, ["adapter.method=lora"])
     with pytest.raises(LLMRecError, match="faults name client 5"):
         load_recipe(path, ["federated.faults.crash=[[1, 5]]"])

@@ -60,7 +60,8 @@ def test_flora_stacking_reproduces_the_weighted_sum_of_products_exactly():
     for module in MODULES:
         A, B = stack[f"{module}.lora_A.weight"], stack[f"{module}.lora_B.weight"]
         assert A.shape == (6, 5) and B.shape == (3, 6)  # rank 3 clients x 2
-        expected = sum(pk * scaling * u[f"{module}.lora_B.weight"] @ u[f"{module}.lora_A.weight"] for pk, u in zip(p, updates))
+        expected = sum(pk * scaling * u[f"{module}.lora_B.weight"] @ u[f"{module}.lora_A.weight"]
+                       for pk, u in zip(p, updates))
         torch.testing.assert_close(B @ A, expected, rtol=0, atol=1e-12)
         torch.testing.assert_close(deltas[module], expected, rtol=0, atol=1e-12)
     # the next round appends to the stack: the global update is the sum over rounds

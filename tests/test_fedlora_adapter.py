@@ -267,9 +267,11 @@ def test_a_fedlora_recipe_trains_reloads_and_exports_to_stock_peft(tmp_path):
 
     from llmrec.publish.export import export_peft_lora
     from llmrec.recipe import load_recipe
-    from llmrec.run import load_trained, train
+    from llmrec.run import train
+    from llmrec.rundir import load_trained
 
-    raw = small_recipe(tmp_path / "runs", "fedlora-run", adapter={"method": "fedlora", "args": {"r": 4, "lora_alpha": 8}})
+    raw = small_recipe(tmp_path / "runs", "fedlora-run",
+                       adapter={"method": "fedlora", "args": {"r": 4, "lora_alpha": 8}})
     train(load_recipe(write_recipe(tmp_path / "recipe.yaml", raw)))
     run = tmp_path / "runs" / "fedlora-run"
     _, _, model, _, _ = load_trained(run)

@@ -52,7 +52,7 @@ def test_world_is_deterministic_per_seed_and_differs_across_seeds():
 
 def test_world_has_every_category_and_unique_rows():
     rows = instruction_rows(SMALL, 0)
-    assert Counter(r["category"] for r in rows) == {category: 30 for category in CATEGORIES}
+    assert Counter(r["category"] for r in rows) == dict.fromkeys(CATEGORIES, 30)
     assert len({r["id"] for r in rows}) == len({r["prompt"] for r in rows}) == len(rows)
     for row in rows:
         assert row["prompt"].startswith("Instruction: ") and row["prompt"].endswith("Response:")
@@ -117,8 +117,8 @@ def test_jsonl_rows_and_a_sample_cap(tmp_path):
     ]
     config = InstructionTaskConfig(source="jsonl", path=str(_dolly(tmp_path / "dolly.jsonl", records)))
     rows = instruction_rows(config, 0)
-    assert rows[0] == {"id": "line1", "category": "open_qa", "prompt": "Instruction: Name a {braced} fruit.\nResponse:",
-                       "completion": " An apple."}
+    assert rows[0] == {"id": "line1", "category": "open_qa",
+                       "prompt": "Instruction: Name a {braced} fruit.\nResponse:", "completion": " An apple."}
     assert rows[1]["prompt"] == "Instruction: Who wrote it?\nContext: Ada wrote the note.\nResponse:"
     assert rows[2]["prompt"] == "Instruction: Sum up.\nResponse:"
     capped = instruction_rows(config.model_copy(update={"max_examples": 2}), 0)

@@ -14,11 +14,11 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from llmrec.data.preference_summaries import JUDGE_TEMPLATE as DEFAULT_TEMPLATE
+from llmrec.data.preference_summaries import JudgeConfig
 from llmrec.errors import LLMRecError
 from llmrec.eval.judges import (
-    DEFAULT_TEMPLATE,
     EndpointJudge,
-    JudgeConfig,
     JudgeQuestion,
     RuleJudge,
     TransformersJudge,

@@ -38,14 +38,16 @@ def test_multi_cpu_config_really_runs_two_processes(tmp_path):
         assert f"[llmrec rank {rank}/2] finished step 4/4" in lines
     writes = [line for line in lines if "] wrote " in line]
     assert writes and all(line.startswith("[llmrec rank 0/2] wrote ") for line in writes)
-    assert {line.rsplit("/", 1)[-1] for line in writes} >= {"recipe.yaml", "result", "final", "metrics.json", "README.md"}
+    assert ({line.rsplit("/", 1)[-1] for line in writes}
+            >= {"recipe.yaml", "result", "final", "metrics.json", "README.md"})
 
     run = tmp_path / "runs" / "small"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["run/world_size"] == 2
     assert metrics["test/targets"] == 60  # the two ranks' shares gathered back into one evaluation
     assert len((run / "predictions" / "test.jsonl").read_text().splitlines()) == 60
-    assert sorted(p.name for p in (run / "checkpoints" / "stage0-sft").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (sorted(p.name for p in (run / "checkpoints" / "stage0-sft").glob("checkpoint-*"))
+            == ["checkpoint-2", "checkpoint-4"])
     assert not list(run.rglob("*.tmp")) and not list(run.rglob("*.partial"))
 
 
@@ -58,9 +60,11 @@ def test_test_time_rl_with_groups_split_across_two_processes(tmp_path):
         "data": {"reasoning": {"train_size": 64, "valid_size": 0, "test_size": 8, "levels": [1]}},
         "adapter": {"method": "none"},
         "stages": [
-            {"trainer": "sft", "args": {"max_steps": 2, "per_device_train_batch_size": 8, "save_steps": 100, "max_length": 96}},
-            {"trainer": "echo", "args": {"max_steps": 2, "per_device_train_batch_size": 6, "num_generations": 4, "num_votes": 6,
-                                         "max_completion_length": 12, "logging_steps": 1, "save_steps": 100,
+            {"trainer": "sft", "args": {"max_steps": 2, "per_device_train_batch_size": 8, "save_steps": 100,
+                                        "max_length": 96}},
+            {"trainer": "echo", "args": {"max_steps": 2, "per_device_train_batch_size": 6, "num_generations": 4,
+                                         "num_votes": 6, "max_completion_length": 12, "logging_steps": 1,
+                                         "save_steps": 100,
                                          "tree": {"entropy_high": 1.0, "entropy_low": 0.5, "branch_confidence": 9.0,
                                                   "entropy_jump": -10.0, "min_depth": 3}}},
         ],
@@ -70,7 +74,8 @@ def test_test_time_rl_with_groups_split_across_two_processes(tmp_path):
     result = _launch_two_processes(path)
     assert result.returncode == 0, result.stderr[-4000:]
     run = tmp_path / "runs" / "echo-mp"
-    history = json.loads((run / "checkpoints" / "stage1-echo" / "result" / "llmrec_stage.json").read_text())["log_history"]
+    history = json.loads(
+        (run / "checkpoints" / "stage1-echo" / "result" / "llmrec_stage.json").read_text())["log_history"]
     steps = [entry for entry in history if "rollout/effective_leaves" in entry]
     assert len(steps) == 2
     # 3 questions per step, each grown once: 6 leaves each, tree leaves plus fills

@@ -41,7 +41,7 @@ def test_tokenizer_and_model_are_deterministic(tokenizer, model, tmp_path):
     assert again.get_vocab() == tokenizer.get_vocab()
     twin = build_tiny_model("tiny:qwen2-xs", tokenizer, seed=0)
     other = build_tiny_model("tiny:qwen2-xs", tokenizer, seed=1)
-    for (name, a), b, c in zip(model.state_dict().items(), twin.state_dict().values(), other.state_dict().values()):
+    for (name, a), b, _c in zip(model.state_dict().items(), twin.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(model.state_dict().values(), other.state_dict().values()))
 
@@ -105,7 +105,8 @@ def test_constrained_beam_search_with_enough_beams_is_exact(model, tokenizer):
     trie = CatalogTrie.from_titles(tokenizer, TITLES, ANCHOR)
     prompts = [f"History:\nGolden River{ANCHOR}", f"History:\nSilent Road\nWild Jazz{ANCHOR}"]
     history = [["i0"], ["i3", "i6"]]
-    ranked = rank_with_model(model, tokenizer, trie, prompts, history, num_beams=len(TITLES), batch_size=1, progress=False)
+    ranked = rank_with_model(model, tokenizer, trie, prompts, history, num_beams=len(TITLES), batch_size=1,
+                             progress=False)
     for prompt, seen, result in zip(prompts, history, ranked):
         expected = _brute_force(model, tokenizer, prompt, trie)
         for item in seen:
@@ -117,7 +118,8 @@ def test_constrained_beam_search_with_enough_beams_is_exact(model, tokenizer):
 
 def test_fewer_beams_return_distinct_real_items(model, tokenizer):
     trie = CatalogTrie.from_titles(tokenizer, TITLES, ANCHOR)
-    ranked = rank_with_model(model, tokenizer, trie, [f"History:\nLost Letters{ANCHOR}"] * 3, [["i9"]] * 3, 4, 2, progress=False)
+    ranked = rank_with_model(model, tokenizer, trie, [f"History:\nLost Letters{ANCHOR}"] * 3, [["i9"]] * 3, 4, 2,
+                             progress=False)
     for result in ranked:
         items = [item for item, _ in result]
         assert len(items) == len(set(items)) == 4 and "i9" not in items

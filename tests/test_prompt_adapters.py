@@ -312,7 +312,8 @@ def test_a_prompt_adapter_recipe_trains_ranks_and_reloads(tmp_path, adapter):
     from conftest import run_cli, small_recipe, write_recipe
 
     from llmrec.recipe import load_recipe
-    from llmrec.run import RunDir, load_trained, train
+    from llmrec.run import train
+    from llmrec.rundir import RunDir, load_trained
 
     raw = small_recipe(tmp_path, adapter["method"], adapter=adapter)
     raw["data"]["task"] = {"history_length": 3}

@@ -95,7 +95,8 @@ def test_missing_required_key(tmp_path):
 
 def test_overrides_with_dotted_paths_and_yaml_values(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", small_recipe(tmp_path))
-    recipe = load_recipe(path, ["stages.0.args.learning_rate=1e-4", "eval.ks=[1, 3]", "run.name=other"], instantiate=False)
+    recipe = load_recipe(path, ["stages.0.args.learning_rate=1e-4", "eval.ks=[1, 3]", "run.name=other"],
+                         instantiate=False)
     assert recipe.stages[0].args["learning_rate"] == pytest.approx(1e-4)
     assert isinstance(recipe.stages[0].args["learning_rate"], float)
     assert recipe.eval.ks == [1, 3]

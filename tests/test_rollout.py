@@ -1,4 +1,5 @@
-"""Tree rollouts: exactly N leaves, shared prefixes, KV-cache reuse, token savings, pruning, and the vLLM round logic."""
+"""Tree rollouts: exactly N leaves, shared prefixes, KV-cache reuse, token savings, pruning, and the vLLM round
+logic."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=24)
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
-    return [tokenizer("A user liked these items:")["input_ids"], tokenizer("Golden Jazz River. Will the user like it?")["input_ids"]]
+    return [tokenizer("A user liked these items:")["input_ids"],
+            tokenizer("Golden Jazz River. Will the user like it?")["input_ids"]]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,8 @@ def test_fills_join_the_running_batch_once_the_shortfall_is_certain(rollout, pro
             ids = torch.tensor([prompt + leaf.token_ids])
             with torch.no_grad():
                 logp = torch.log_softmax(base(ids).logits[0].float(), -1)
-            assert [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(leaf.token_ids)] == pytest.approx(leaf.logprobs, abs=1e-4)
+            assert ([logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(leaf.token_ids)]
+                    == pytest.approx(leaf.logprobs, abs=1e-4))
 
 
 def test_tree_decodes_fewer_tokens_than_flat_sampling_for_the_same_leaves(rollout, prompts):
@@ -78,13 +81,14 @@ def test_tree_decodes_fewer_tokens_than_flat_sampling_for_the_same_leaves(rollou
 def test_the_same_seed_gives_the_same_tree(rollout, prompts):
     first = rollout.generate(prompts, 6, TreeConfig(**FORKING), SAMPLING, seed=3)
     again = rollout.generate(prompts, 6, TreeConfig(**FORKING), SAMPLING, seed=3)
-    assert [[c.token_ids for c in q.completions] for q in first] == [[c.token_ids for c in q.completions] for q in again]
+    assert ([[c.token_ids for c in q.completions] for q in first]
+            == [[c.token_ids for c in q.completions] for q in again])
 
 
 def test_a_pruned_branch_stops_consuming_tokens_and_fills_complete_the_leaves(rollout, prompts):
     # every tree branch is pruned as soon as its group-confidence window is full (min C^G < infinity)
-    config = TreeConfig(branching=True, pruning=True, roots=3, min_depth=2, group_window=4, prune_confidence=float("inf"),
-                        entropy_high=100.0)
+    config = TreeConfig(branching=True, pruning=True, roots=3, min_depth=2, group_window=4,
+                        prune_confidence=float("inf"), entropy_high=100.0)
     out = rollout.generate(prompts, 5, config, SAMPLING, seed=0)
     for question in out:
         stats = question.stats
@@ -138,8 +142,8 @@ class _ModelEngine(VLLMRollout):
                 logp = torch.log_softmax(logits, -1)
                 token = int(torch.multinomial(logp.exp(), 1, generator=generator))
                 top = logp.topk(top_k)
-                tops.append(sorted({**dict(zip(top.indices.tolist(), top.values.tolist())), token: float(logp[token])}.items(),
-                                   key=lambda x: -x[1]))
+                tops.append(sorted({**dict(zip(top.indices.tolist(), top.values.tolist())),
+                                    token: float(logp[token])}.items(), key=lambda x: -x[1]))
                 tokens.append(token)
                 if token == self.eos:
                     break

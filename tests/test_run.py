@@ -28,14 +28,16 @@ def test_small_run_leaves_a_complete_self_describing_run_directory(tmp_path, cap
 
     run = tmp_path / "runs" / "small"
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("test/hr@5", "test/ndcg@10", "baseline/popularity/hr@10", "baseline/random/ndcg@5", "test/valid_item_ratio"):
+    for key in ("test/hr@5", "test/ndcg@10", "baseline/popularity/hr@10", "baseline/random/ndcg@5",
+                "test/valid_item_ratio"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["test/targets"] == 60 and metrics["train/stage0-sft/global_step"] == 6
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (run / "README.md").read_text()
     assert "| this model |" in card and "tiny:qwen2-xs" in card and "transformers:" in card
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in (run / "final").iterdir()}
+    assert ({"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"}
+            <= {p.name for p in (run / "final").iterdir()})
     assert not [p for p in (run / "final").iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     stored = load_recipe(run / "recipe.yaml", instantiate=False)
     assert stored.to_dict() == load_recipe(recipe_path, instantiate=False).to_dict()
@@ -84,7 +86,8 @@ def test_a_different_recipe_for_an_existing_run_is_refused(tmp_path, capsys):
     assert main(["train", str(recipe_path), "stages.0.args.max_steps=3", "eval.valid_item_samples=0"]) == 2
     err = capsys.readouterr().err
     assert "different recipe" in err and "stages.0.args.max_steps" in err and "--overwrite" in err
-    assert main(["train", str(recipe_path), "stages.0.args.max_steps=3", "eval.valid_item_samples=0", "--overwrite"]) == 0
+    assert main(["train", str(recipe_path), "stages.0.args.max_steps=3", "eval.valid_item_samples=0",
+                 "--overwrite"]) == 0
 
 
 # --- bad input: one paragraph naming the place, exit 2, no traceback, no finished-looking run directory --------
@@ -101,13 +104,15 @@ JSONL = '{"user_id": "u", "item_id": "a", "timestamp": 1}\n{"user_id": "u", "ite
 CASES = {  # name: (overrides for a tmp folder, the place the error must name, what it must say)
     "misspelled nested key": (lambda tmp: ["data.split.methd=temporal"], "data.split.methd", "Did you mean 'method'?"),
     "wrong value type": (lambda tmp: ["stages.0.args.max_steps=ten"], "stages.0.args.max_steps", "expected int"),
-    "missing data file": (lambda tmp: [f"data.source={{format: ml-100k, path: {tmp / 'nowhere'}}}"], "data.source.path",
-                          "file not found"),
+    "missing data file": (lambda tmp: [f"data.source={{format: ml-100k, path: {tmp / 'nowhere'}}}"],
+                          "data.source.path", "file not found"),
     "malformed jsonl line": (lambda tmp: _bad_table(tmp, JSONL, ".jsonl"), "i.jsonl:2", "not valid JSON"),
-    "missing column": (lambda tmp: _bad_table(tmp, "user,item_id,timestamp\nu,a,1\n"), "i.csv", "column 'user_id' not found"),
-    "empty after filtering": (lambda tmp: _bad_table(tmp, ROWS) + ["data.filters.min_rating=4"], "data.filters.min_rating",
-                              "no interactions are left"),
-    "unknown item ids": (lambda tmp: _bad_table(tmp, ROWS.replace("u,c,", "u,zzz,")), "i.csv", "absent from the catalog"),
+    "missing column": (lambda tmp: _bad_table(tmp, "user,item_id,timestamp\nu,a,1\n"), "i.csv",
+                       "column 'user_id' not found"),
+    "empty after filtering": (lambda tmp: _bad_table(tmp, ROWS) + ["data.filters.min_rating=4"],
+                              "data.filters.min_rating", "no interactions are left"),
+    "unknown item ids": (lambda tmp: _bad_table(tmp, ROWS.replace("u,c,", "u,zzz,")), "i.csv",
+                         "absent from the catalog"),
 }
 
 

@@ -43,7 +43,8 @@ class AdapterContext:
 def get_adapter(method: str, key: str = "adapter.method"):
     if method not in ADAPTERS:
         raise LLMRecError(
-            f"unknown adapter method {method!r}; the methods are {', '.join(ADAPTERS)}.{did_you_mean(method, ADAPTERS)}",
+            f"unknown adapter method {method!r}; the methods are {', '.join(ADAPTERS)}."
+            f"{did_you_mean(method, ADAPTERS)}",
             key,
         )
     module, attr = ADAPTERS[method].split(":")

@@ -186,7 +186,9 @@ class SoftPromptModel(FrozenModelWrapper, abc.ABC):
         length = embeds.shape[1] - self.num_virtual_tokens
         if labels is not None:
             # -100 for the prompt, and for the first input token: in the plain model nothing predicts it either
-            labels = torch.cat([labels.new_full((labels.shape[0], self.num_virtual_tokens + 1), -100), labels[:, 1:]], 1)
+            labels = torch.cat(
+                [labels.new_full((labels.shape[0], self.num_virtual_tokens + 1), -100), labels[:, 1:]], 1
+            )
         if isinstance(logits_to_keep, torch.Tensor):
             logits_to_keep = logits_to_keep + self.num_virtual_tokens
         outputs = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
@@ -223,7 +225,8 @@ class SoftPromptModel(FrozenModelWrapper, abc.ABC):
         if position_ids is not None:
             kwargs["position_ids"] = positions
         with self._generation_hooks():
-            return self.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            return self.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask,
+                                                **kwargs)
 
     # --- optimizer groups --------------------------------------------------------------------------------------------
 

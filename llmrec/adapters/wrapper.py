@@ -99,7 +99,8 @@ class FrozenModelWrapper(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_save_file(self.adapter_state_dict(state_dict), folder / WEIGHTS_NAME)
-        write_json(folder / CONFIG_NAME, {**config, "base_model_name_or_path": getattr(self.config, "_name_or_path", None)})
+        write_json(folder / CONFIG_NAME,
+                   {**config, "base_model_name_or_path": getattr(self.config, "_name_or_path", None)})
         return folder
 
     @classmethod
@@ -120,8 +121,9 @@ class FrozenModelWrapper(nn.Module):
         weights = load_file(str(Path(folder) / WEIGHTS_NAME))
         missing = set(self.adapter_names) - set(weights)
         if missing:
-            raise LLMRecError(f"the {self.adapter_type} weights lack {len(missing)} tensors (e.g. {sorted(missing)[0]}); "
-                              "the adapter was saved for another model or configuration.", str(folder))
+            raise LLMRecError(f"the {self.adapter_type} weights lack {len(missing)} tensors "
+                              f"(e.g. {sorted(missing)[0]}); the adapter was saved for another model or "
+                              "configuration.", str(folder))
         mine = self.state_dict()
         for name in self.adapter_names:
             if weights[name].shape != mine[name].shape:

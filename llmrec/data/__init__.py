@@ -1,8 +1,9 @@
-"""Recommendation data: loaders and synthetic worlds -> checks -> filters -> OOD hold-out -> per-user split -> `RecData`,
-and the task builders that turn `RecData` into training rows (next-item, preference, CTR). Text classification
-(`data.classification`), reasoning problems (`data.reasoning`) and preference summaries (`data.summaries`) build
-their rows without `RecData` (summaries may convert it to behaviours): synthetic tasks generated offline, or Hub
-datasets."""
+"""Data: loaders and synthetic worlds -> checks -> filters -> OOD hold-out -> per-user split -> `RecData`, the row
+builders that turn `RecData` into training rows (next-item, preference, CTR), and the data of the text tasks with
+their sections: text classification (`data.classification`), reasoning problems (`data.reasoning`), preference
+summaries (`data.summaries`; may convert `RecData` to behaviours) and instructions (`data.instructions`), from
+synthetic worlds generated offline, local files or Hub datasets. Which task uses which section, and how it is
+evaluated, is `llmrec.tasks`; data never imports evaluation."""
 
 from __future__ import annotations
 
@@ -34,37 +35,15 @@ Source = Annotated[
 
 
 class DataConfig(Section):
-    """`data`: where interactions come from and how they become tasks."""
+    """`data`: where interactions come from, how they are filtered and split, and the next-item prompt. Each task
+    with a section of its own (`data.ctr`, `data.classification`, ...) adds it to the recipe's schema
+    (`llmrec.tasks`, `llmrec.recipe.recipe_schema`)."""
 
     source: Source = Field(default_factory=lambda: SyntheticWorldConfig(format="synthetic"))
     filters: FilterConfig = Field(default_factory=FilterConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     shifts: list[ShiftConfig] = Field(default_factory=list, description="Out-of-distribution test sets to add.")
     task: NextItemTaskConfig = Field(default_factory=NextItemTaskConfig)
-    ctr: CTRTaskConfig | None = Field(None, description="The Yes/No like-prediction task (CTR); needs ratings.")
-    reasoning: ReasoningTaskConfig | None = Field(
-        None,
-        description="Problems with final answers (arithmetic world, GSM8K, MATH-500, AIME): `trainer: sft` trains on "
-        "their worked solutions, test-time RL (`trainer: echo`) on the test questions without their answers, and "
-        "`eval.task: reasoning` samples solutions. The interactions are loaded but not used.",
-    )
-    summaries: PreferenceSummaryTaskConfig | None = Field(
-        None,
-        description="Preference summaries (AlignXplore+): users' (query, chosen, rejected) behaviours, the judge and "
-        "the synthesis of SFT data; `trainer: alignxplore_sft` then `alignxplore` train on them and "
-        "`eval.task: preference_summary` measures judge accuracy.",
-    )
-    instructions: InstructionTaskConfig | None = Field(
-        None,
-        description="Instruction examples with categories (a synthetic world, or Dolly-15k-style JSON Lines) that "
-        "`llmrec federate` deals to clients by category; the interactions are loaded but not used.",
-    )
-    classification: ClassificationTaskConfig | None = Field(
-        None,
-        description="A text-classification task (label-word scoring): `trainer: sft` trains on its rows instead of "
-        "next-item examples, and `eval.task: classification` evaluates it. The interactions are still loaded (the "
-        "default synthetic world is cheap) but not used.",
-    )
 
     def shift(self, kind: str) -> ShiftConfig | None:
         return next((shift for shift in self.shifts if shift.kind == kind), None)

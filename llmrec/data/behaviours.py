@@ -114,11 +114,15 @@ class BehaviourDataConfig(Section):
         3, ge=1, le=len(DIMENSIONS), description="personas: attribute values per item (a genre plus other dimensions)."
     )
     liked_per_persona: int = Field(2, ge=0, description="personas: attribute values a persona likes (weight +1).")
-    disliked_per_persona: int = Field(2, ge=0, description="personas: attribute values a persona dislikes (weight -1).")
+    disliked_per_persona: int = Field(
+        2, ge=0, description="personas: attribute values a persona dislikes (weight -1)."
+    )
     noise: float = Field(
         0.1, ge=0, le=1, description="personas: probability that a behaviour's choice goes against the persona."
     )
-    domain: str = Field("movie", min_length=1, description="personas: the noun used in queries ('movie', 'book', ...).")
+    domain: str = Field(
+        "movie", min_length=1, description="personas: the noun used in queries ('movie', 'book', ...)."
+    )
     path: str | None = Field(None, description="jsonl: the behaviours file (.jsonl or .jsonl.gz).")
     dataset: str | None = Field(None, description="hub: a Hub dataset id or a local folder `datasets` can load.")
     split: str = Field("train", description="hub: the dataset's split.")
@@ -170,8 +174,8 @@ def persona_world(config: BehaviourDataConfig, seed: int) -> list[UserBehaviours
     users = []
     for index in range(config.num_users):
         drawn = [present[k] for k in rng.choice(len(present), size=wanted, replace=False)]
-        preferences = {value: 1.0 for value in drawn[: config.liked_per_persona]}
-        preferences |= {value: -1.0 for value in drawn[config.liked_per_persona:]}
+        preferences = dict.fromkeys(drawn[:config.liked_per_persona], 1.0)
+        preferences |= dict.fromkeys(drawn[config.liked_per_persona:], -1.0)
         utility = np.array([sum(preferences.get(value, 0.0) for value in values) for values in item_values])
         behaviours = _persona_behaviours(utility, options, config, rng)
         users.append(UserBehaviours(f"u{index:04d}", behaviours, preferences))
@@ -314,11 +318,13 @@ def load_hub(config: BehaviourDataConfig) -> list[UserBehaviours]:
     from datasets import load_dataset
 
     if not config.dataset:
-        raise LLMRecError("source: hub needs dataset (a Hub id or a local folder).", "data.summaries.behaviours.dataset")
+        raise LLMRecError("source: hub needs dataset (a Hub id or a local folder).",
+                          "data.summaries.behaviours.dataset")
     try:
         table = load_dataset(config.dataset, split=config.split)
     except Exception as err:  # datasets raises many types (network, missing files, unknown splits)
-        raise LLMRecError(f"could not load {config.dataset} ({config.split}): {err}", "data.summaries.behaviours.dataset") from None
+        raise LLMRecError(f"could not load {config.dataset} ({config.split}): {err}",
+                          "data.summaries.behaviours.dataset") from None
     users = _group_records(((f"{config.dataset} row {i}", row) for i, row in enumerate(table)), config.dataset)
     return _drop_short(users, config.min_behaviours, config.dataset)
 
@@ -359,7 +365,8 @@ def load_behaviours(config: BehaviourDataConfig, seed: int, data: RecData | None
         users = persona_world(config, seed)
     elif config.source == "recdata":
         if data is None:
-            raise LLMRecError("source: recdata needs the recommendation data (data.source).", "data.summaries.behaviours.source")
+            raise LLMRecError("source: recdata needs the recommendation data (data.source).",
+                              "data.summaries.behaviours.source")
         users = from_recdata(data, config, seed)
     else:
         users = _sample(load_jsonl(config) if config.source == "jsonl" else load_hub(config), config.max_users, seed)

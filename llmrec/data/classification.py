@@ -55,7 +55,8 @@ class _Task(NamedTuple):
 TASKS: dict[str, _Task] = {
     "sentiment": _Task(2, "Review: {text}\nSentiment:", (" negative", " positive")),
     "topic": _Task(4, "Text: {text}\nTopic:", (" sports", " science", " business", " music")),
-    "sst2": _Task(2, "Review: {text}\nSentiment:", (" negative", " positive"), ("nyu-mll/glue", "sst2"), ("sentence",)),
+    "sst2": _Task(2, "Review: {text}\nSentiment:", (" negative", " positive"), ("nyu-mll/glue", "sst2"),
+                  ("sentence",)),
     # labels 0 entailment, 1 not_entailment
     "rte": _Task(2, "{text}\nQuestion: {text2} True or false?\nAnswer:", (" true", " false"), ("nyu-mll/glue", "rte"),
                  ("sentence1", "sentence2")),
@@ -73,7 +74,8 @@ class ClassificationTaskConfig(Section):
     `eval.task: classification` measures accuracy on them (the recommendation data are not used)."""
 
     task: Literal["sentiment", "topic", "glue"] = Field(
-        "sentiment", description="'sentiment' (2 classes) or 'topic' (4 classes), generated offline; 'glue': glue_task."
+        "sentiment",
+        description="'sentiment' (2 classes) or 'topic' (4 classes), generated offline; 'glue': glue_task.",
     )
     glue_task: Literal["sst2", "rte", "boolq", "cb"] | None = Field(
         None, description="task: glue only: SST-2 and RTE (nyu-mll/glue), BoolQ and CB (aps/super_glue), from the Hub."
@@ -126,11 +128,13 @@ class ClassificationTaskConfig(Section):
         if self.task != "glue" and self.glue_task is not None:
             raise ValueError(f"glue_task applies to task: glue only, not task: {self.task}")
         if self.task != "glue" and (self.train_size is None or self.test_size is None):
-            raise ValueError(f"the synthetic {self.task} task needs train_size and test_size (null means all rows of a GLUE split)")
+            raise ValueError(f"the synthetic {self.task} task needs train_size and test_size (null means all rows "
+                             "of a GLUE split)")
         spec = self.spec
         pair = "{text2}" in self.prompt_template
         if len(spec.columns) == 2 and not pair:
-            raise ValueError(f"{self.name} pairs two texts; prompt_template must contain {{text2}} as well as {{text}}")
+            raise ValueError(f"{self.name} pairs two texts; prompt_template must contain {{text2}} as well as "
+                             f"{{text}}")
         if len(spec.columns) < 2 and pair:
             raise ValueError(f"{self.name} has one text per row; prompt_template may not use {{text2}}")
         if len(self.label_words) != spec.classes:
@@ -142,8 +146,8 @@ class ClassificationTaskConfig(Section):
 
     @property
     def name(self) -> str:
-        """The task's name: sentiment, topic, or the GLUE task."""
-        return self.glue_task if self.task == "glue" else self.task
+        """The task's name: sentiment, topic, or the GLUE task (set exactly when task is glue)."""
+        return self.glue_task or self.task
 
     @property
     def spec(self) -> _Task:
@@ -179,8 +183,8 @@ TOPICS = (
 )
 TOPIC_OPENERS = ("Yesterday", "On Monday", "Last week", "This morning", "According to a report", "In a statement")
 TOPIC_VERBS = ("praised", "discussed", "questioned", "described", "mentioned", "welcomed", "criticised", "announced")
-TOPIC_CLOSERS = ("", " after a long week", " in front of many people", " to everyone's surprise", " for the first time",
-                 " once again")
+TOPIC_CLOSERS = ("", " after a long week", " in front of many people", " to everyone's surprise",
+                 " for the first time", " once again")
 
 
 def _pick(rng: np.random.Generator, words: tuple[str, ...]) -> str:
@@ -256,9 +260,10 @@ def load_glue(config: ClassificationTaskConfig, seed: int) -> dict[str, tuple[li
     except Exception as err:  # datasets raises many types (ConnectionError, DatasetNotFoundError, OSError, ...)
         raise LLMRecError(
             f"could not load {config.glue_task} ({path}, configuration {name!r}) with datasets.load_dataset: "
-            f"{type(err).__name__}: {err}. GLUE tasks are downloaded from the Hugging Face Hub on first use and cached "
-            "(HF_DATASETS_CACHE); offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, or no network) they must already "
-            "be in that cache. Run once with network access, or use a synthetic task (task: sentiment or topic).",
+            f"{type(err).__name__}: {err}. GLUE tasks are downloaded from the Hugging Face Hub on first use and "
+            "cached (HF_DATASETS_CACHE); offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set, or no network) they "
+            "must already be in that cache. Run once with network access, or use a synthetic task (task: sentiment "
+            "or topic).",
             "data.classification.glue_task",
         ) from None
 
@@ -288,7 +293,7 @@ def load_glue(config: ClassificationTaskConfig, seed: int) -> dict[str, tuple[li
 @functools.lru_cache(maxsize=4)
 def _splits(config_json: str, seed: int) -> dict[str, tuple[list[tuple[str, ...]], list[int]]]:
     config = ClassificationTaskConfig.model_validate_json(config_json)
-    if config.task == "glue":
+    if config.glue_task is not None:
         return load_glue(config, seed)
     sizes = {"train": config.train_size, "valid": config.valid_size, "test": config.test_size}
     return {split: ([(text,) for text in texts], labels)
@@ -318,7 +323,7 @@ def classification_tokenizer_texts(config: ClassificationTaskConfig, seed: int) 
 
 def describe_classification(config: ClassificationTaskConfig) -> str:
     """One line for the model card: the task, its classes and sizes."""
-    source = (f"{config.glue_task} ({config.spec.dataset[0]})" if config.task == "glue"
+    source = (f"{config.glue_task} ({config.spec.dataset[0]})" if config.glue_task is not None
               else f"synthetic {config.task} task (generated offline)")
     sizes = ", ".join(f"{split} {size if size is not None else 'all'}" for split, size in
                       (("train", config.train_size), ("valid", config.valid_size), ("test", config.test_size)))

@@ -111,8 +111,8 @@ def ctr_examples(data: RecData, split: str, config: CTRTaskConfig, seed: int) ->
         raise LLMRecError(
             f"the CTR task needs ratings (an item is liked, 'Yes', when its rating is at least like_threshold = "
             f"{config.like_threshold:g}), but the interactions of {data.name!r} have no 'rating' column. Ratings come "
-            "with the synthetic world, ml-100k, ml-1m, amazon reviews that have a 'rating' field, recbole .inter files "
-            "with a rating column, and table sources whose data.source.columns maps a rating column.",
+            "with the synthetic world, ml-100k, ml-1m, amazon reviews that have a 'rating' field, recbole .inter "
+            "files with a rating column, and table sources whose data.source.columns maps a rating column.",
             "data.ctr",
         )
     titles = data.titles

@@ -21,7 +21,8 @@ def apply_filters(frame: pd.DataFrame, config: FilterConfig) -> pd.DataFrame:
     before = len(frame)
     if config.min_rating is not None:
         if "rating" not in frame.columns:
-            raise LLMRecError("min_rating is set but the interactions have no 'rating' column.", "data.filters.min_rating")
+            raise LLMRecError("min_rating is set but the interactions have no 'rating' column.",
+                              "data.filters.min_rating")
         frame = frame[frame["rating"] >= config.min_rating]
         _require_rows(frame, before, f"min_rating={config.min_rating}", "data.filters.min_rating")
     if config.k_core is not None:
@@ -31,7 +32,8 @@ def apply_filters(frame: pd.DataFrame, config: FilterConfig) -> pd.DataFrame:
         counts = frame.groupby("user_id")["item_id"].transform("size")
         frame = frame[counts >= config.min_user_interactions]
         _require_rows(
-            frame, before, f"min_user_interactions={config.min_user_interactions}", "data.filters.min_user_interactions"
+            frame, before, f"min_user_interactions={config.min_user_interactions}",
+            "data.filters.min_user_interactions",
         )
     return frame
 

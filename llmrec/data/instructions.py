@@ -73,14 +73,16 @@ class InstructionTaskConfig(Section):
     instruction tuning, with the per-client test share and the evaluation's generation length."""
 
     source: Literal["synthetic", "jsonl"] = Field(
-        "synthetic", description="'synthetic' (the offline instruction world) or a local Dolly-15k-format 'jsonl' file."
+        "synthetic",
+        description="'synthetic' (the offline instruction world) or a local Dolly-15k-format 'jsonl' file.",
     )
     path: str | None = Field(
         None, description="jsonl: the file, one record per line with instruction, context, response and category."
     )
     categories: int = Field(8, ge=1, le=len(CATEGORIES), description="synthetic: use the world's first N categories.")
     examples_per_category: int = Field(
-        200, ge=1, le=500, description="synthetic: rows per category (at most 500: open_qa has 512 distinct questions)."
+        200, ge=1, le=500,
+        description="synthetic: rows per category (at most 500: open_qa has 512 distinct questions).",
     )
     max_examples: int | None = Field(
         None, ge=1, description="jsonl: keep a seeded sample of this many rows (null: all)."

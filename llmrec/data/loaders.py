@@ -81,7 +81,8 @@ def _rename(frame: pd.DataFrame, columns: dict[str, str], place: str, key: str) 
     missing = [source for source in columns.values() if source not in frame.columns]
     if missing:
         raise LLMRecError(
-            f"column {missing[0]!r} (mapped in {key}) not found; the columns are {', '.join(map(str, frame.columns))}.",
+            f"column {missing[0]!r} (mapped in {key}) not found; the columns are "
+            f"{', '.join(map(str, frame.columns))}.",
             place,
         )
     return frame.rename(columns={source: target for target, source in columns.items()})
@@ -109,7 +110,8 @@ class MovieLens100KSource(Section):
     def load(self, seed: int) -> RawData:
         data = existing_file(Path(self.path) / "u.data", "data.source.path", "ml-100k needs u.data and u.item")
         item = existing_file(Path(self.path) / "u.item", "data.source.path", "ml-100k needs u.data and u.item")
-        inter = pd.read_csv(data, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"], dtype=str)
+        inter = pd.read_csv(data, sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"],
+                            dtype=str)
         catalog = pd.read_csv(item, sep="|", header=None, encoding="latin-1", dtype=str).iloc[:, :2]
         catalog.columns = ["item_id", "title"]
         return RawData(inter, catalog, str(data), str(item), "ml-100k")
@@ -168,7 +170,8 @@ class RecBoleSource(Section):
         require_columns(inter, ["user_id", "item_id"], str(inter_path))
         if "timestamp" not in inter.columns:
             inter["timestamp"] = range(len(inter))  # file order stands in for time
-        catalog = apply_title_template(catalog, self._template(catalog, str(item_path)), f"{item_path} (title_template)")
+        catalog = apply_title_template(catalog, self._template(catalog, str(item_path)),
+                                       f"{item_path} (title_template)")
         return RawData(inter, catalog, str(inter_path), str(item_path), stem)
 
     def _template(self, catalog: pd.DataFrame, place: str) -> str:
@@ -211,7 +214,8 @@ class AmazonSource(Section):
         meta_path = existing_file(self.meta, "data.source.meta")
         reviews = read_jsonl(reviews_path)
         meta = read_jsonl(meta_path)
-        require_columns(reviews, ["user_id", self.item_key, "timestamp"], str(reviews_path), " (data.source.item_key names the item field)")
+        require_columns(reviews, ["user_id", self.item_key, "timestamp"], str(reviews_path),
+                        " (data.source.item_key names the item field)")
         require_columns(meta, [self.item_key, "title"], str(meta_path))
         inter = reviews.rename(columns={self.item_key: "item_id"})
         keep = [c for c in ("user_id", "item_id", "rating", "timestamp") if c in inter.columns]
@@ -228,21 +232,26 @@ class TableSource(Section):
     catalog: str = Field(description="Catalog file.")
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="llmrec name -> column in the interactions file, for user_id, item_id, timestamp, rating, environment.",
+        description="llmrec name -> column in the interactions file, for user_id, item_id, timestamp, rating, "
+                    "environment.",
     )
     catalog_columns: dict[str, str] = Field(
         default_factory=dict, description="llmrec name -> column in the catalog file, for item_id and title."
     )
-    title_template: str | None = Field(None, description="Build titles from catalog columns instead of a title column.")
+    title_template: str | None = Field(
+        None, description="Build titles from catalog columns instead of a title column."
+    )
 
     def load(self, seed: int) -> RawData:
         inter_path = existing_file(self.interactions, "data.source.interactions")
         catalog_path = existing_file(self.catalog, "data.source.catalog")
         inter = _rename(read_table(inter_path), self.columns, str(inter_path), "data.source.columns")
-        catalog = _rename(read_table(catalog_path), self.catalog_columns, str(catalog_path), "data.source.catalog_columns")
+        catalog = _rename(read_table(catalog_path), self.catalog_columns, str(catalog_path),
+                          "data.source.catalog_columns")
         hint = " Map your column names with data.source.columns."
         require_columns(inter, ["user_id", "item_id", "timestamp"], str(inter_path), hint)
         if self.title_template:
             catalog = apply_title_template(catalog, self.title_template, "data.source.title_template")
-        require_columns(catalog, ["item_id", "title"], str(catalog_path), " Map them with data.source.catalog_columns.")
+        require_columns(catalog, ["item_id", "title"], str(catalog_path),
+                        " Map them with data.source.catalog_columns.")
         return RawData(inter, catalog, str(inter_path), str(catalog_path), inter_path.name.split(".")[0])

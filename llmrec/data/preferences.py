@@ -84,8 +84,10 @@ def preference_examples(
     ranked: list[list[str]] = [[] for _ in range(len(rows))]
     if config.sampler == "model":
         if rank is None:
-            raise LLMRecError("the model sampler needs a trained model; put an SFT stage first.", "stages.data.sampler")
-        excluded = [sorted(positives.get(user, set()) | {item}) for user, item in zip(rows["user_id"], rows["item_id"])]
+            raise LLMRecError("the model sampler needs a trained model; put an SFT stage first.",
+                              "stages.data.sampler")
+        excluded = [sorted(positives.get(user, set()) | {item})
+                    for user, item in zip(rows["user_id"], rows["item_id"])]
         ranked = rank(rows["prompt"], excluded, config.model_top_k)
 
     rejected = []
@@ -103,7 +105,9 @@ def preference_examples(
     if "environment" in data.interactions.column_names:
         environment = {
             (u, i): e
-            for u, i, e, s in zip(*(data.interactions_frame[c] for c in ("user_id", "item_id", "environment", "split")))
+            for u, i, e, s in zip(
+                *(data.interactions_frame[c] for c in ("user_id", "item_id", "environment", "split"))
+            )
             if s == split
         }
         out = out.add_column("environment", [int(environment[(u, i)]) for u, i in zip(out["user_id"], out["item_id"])])

@@ -64,7 +64,9 @@ class ReasoningTaskConfig(Section):
     train_size: int | None = Field(3000, ge=0, description="Rows in train (arithmetic), or a cap (null: all).")
     valid_size: int | None = Field(100, ge=0, description="Rows in valid (held out from train for Hub data).")
     test_size: int | None = Field(200, ge=0, description="Rows in test: the unlabeled questions of test-time RL.")
-    levels: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1, description="arithmetic: operation counts.")
+    levels: list[int] = Field(
+        default_factory=lambda: [1, 2, 3], min_length=1, description="arithmetic: operation counts."
+    )
     max_operand: int = Field(20, ge=2, description="arithmetic: operands are drawn from 1..max_operand.")
     prompt_template: str = Field("Question: {question}\nAnswer:", description="Must contain {question}.")
     path: str | None = Field(None, description="A local file or folder for Hub sources, or the JSONL file.")
@@ -139,22 +141,24 @@ def _arithmetic_splits(config: ReasoningTaskConfig, seed: int) -> dict[str, list
 def _hub_splits(config: ReasoningTaskConfig, seed: int) -> dict[str, list[dict]]:
     from datasets import load_dataset
 
-    from llmrec.eval.reasoning import extract_answer, normalize_answer
+    from llmrec.answers import extract_answer, normalize_answer
 
     spec = HUB_SOURCES[config.source]
     out: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for ours, theirs in spec.splits.items():
         try:
             # a local copy (a folder of <split>.jsonl / parquet files) has no Hub configuration name
-            table = load_dataset(config.path, split=theirs) if config.path else load_dataset(spec.dataset, spec.config, split=theirs)
+            table = (load_dataset(config.path, split=theirs) if config.path
+                     else load_dataset(spec.dataset, spec.config, split=theirs))
         except Exception as err:  # datasets raises many types (network, missing files, bad configs)
-            raise LLMRecError(f"could not load {config.path or spec.dataset} ({theirs}): {err}", "data.reasoning.source") from None
+            raise LLMRecError(f"could not load {config.path or spec.dataset} ({theirs}): {err}",
+                              "data.reasoning.source") from None
         for row in table:
             answer = str(row[spec.answer])
             answer = extract_answer(answer) if config.source == "gsm8k" else normalize_answer(answer)
             solution = row[spec.solution] if spec.solution else f"#### {answer}"
-            out[ours].append({"question": row[spec.question], "solution": " " + solution.strip(), "answer": answer or "",
-                              "level": int(row.get("level", 0) or 0)})
+            out[ours].append({"question": row[spec.question], "solution": " " + solution.strip(),
+                              "answer": answer or "", "level": int(row.get("level", 0) or 0)})
     if not out["valid"] and out["train"]:
         order = np.random.default_rng([seed, 7412]).permutation(len(out["train"]))
         held = int(config.valid_size or 0)
@@ -164,7 +168,7 @@ def _hub_splits(config: ReasoningTaskConfig, seed: int) -> dict[str, list[dict]]
 
 
 def _jsonl_splits(config: ReasoningTaskConfig, seed: int) -> dict[str, list[dict]]:
-    from llmrec.eval.reasoning import normalize_answer
+    from llmrec.answers import normalize_answer
 
     if not config.path:
         raise LLMRecError("source jsonl needs a path.", "data.reasoning.path")
@@ -172,10 +176,12 @@ def _jsonl_splits(config: ReasoningTaskConfig, seed: int) -> dict[str, list[dict
     for number, record in iter_jsonl(Path(config.path)):
         for key in (config.question_field, config.answer_field):
             if key not in record:
-                raise LLMRecError(f"the record has no {key!r} field (fields: {', '.join(record)}).", f"{config.path}:{number}")
+                raise LLMRecError(f"the record has no {key!r} field (fields: {', '.join(record)}).",
+                                  f"{config.path}:{number}")
         answer = normalize_answer(str(record[config.answer_field]))
         solution = record.get(config.solution_field) if config.solution_field else None
-        rows.append({"question": str(record[config.question_field]), "answer": answer, "level": int(record.get("level", 0) or 0),
+        rows.append({"question": str(record[config.question_field]), "answer": answer,
+                     "level": int(record.get("level", 0) or 0),
                      "solution": " " + (str(solution).strip() if solution else f"#### {answer}")})
     order = np.random.default_rng([seed, 7413]).permutation(len(rows))
     test = int(config.test_size if config.test_size is not None else len(rows))

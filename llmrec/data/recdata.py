@@ -46,7 +46,8 @@ def require_columns(frame: pd.DataFrame, columns: tuple[str, ...] | list[str], p
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise LLMRecError(
-            f"column {missing[0]!r} not found; the columns are {', '.join(map(str, frame.columns)) or '(none)'}.{hint}",
+            f"column {missing[0]!r} not found; the columns are "
+            f"{', '.join(map(str, frame.columns)) or '(none)'}.{hint}",
             place,
         )
 
@@ -108,7 +109,8 @@ class RecData:
         return cls.from_frames(inter, catalog, raw.name)
 
     @classmethod
-    def from_frames(cls, interactions: pd.DataFrame, catalog: pd.DataFrame, name: str, info: dict | None = None) -> RecData:
+    def from_frames(cls, interactions: pd.DataFrame, catalog: pd.DataFrame, name: str,
+                    info: dict | None = None) -> RecData:
         """Wrap frames that already satisfy the contract (from `from_raw`, a filter or a splitter)."""
         return cls(
             Dataset.from_pandas(interactions.reset_index(drop=True), preserve_index=False),

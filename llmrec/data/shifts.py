@@ -88,7 +88,8 @@ def hold_out(frame: pd.DataFrame, shifts: list[ShiftConfig]) -> tuple[pd.DataFra
         held = held.assign(split=np.where(last, label, CONTEXT_SPLIT))
         kept = frame[~held_users]
     if held.empty or not (held["split"] == label).any():
-        raise LLMRecError("the shift left no out-of-distribution interactions; users need at least 4 interactions.", "data.shifts")
+        raise LLMRecError("the shift left no out-of-distribution interactions; users need at least 4 interactions.",
+                          "data.shifts")
     return kept, held
 
 

@@ -36,9 +36,12 @@ from pydantic import Field, model_validator
 
 from llmrec.schema import Section
 
-MOODS = ("Golden", "Silent", "Broken", "Wild", "Quiet", "Crimson", "Frozen", "Hidden", "Lost", "Bright", "Velvet", "Iron")
-GENRES = ("Jazz", "Space", "Noir", "Western", "Comedy", "Horror", "Romance", "Mystery", "Ocean", "Robot", "Dragon", "Cooking")
-NOUNS = ("River", "Machine", "Empire", "Letters", "Road", "Kingdom", "Dreams", "Station", "Harbor", "Garden", "Mirror", "Summer")
+MOODS = ("Golden", "Silent", "Broken", "Wild", "Quiet", "Crimson", "Frozen", "Hidden", "Lost", "Bright", "Velvet",
+         "Iron")
+GENRES = ("Jazz", "Space", "Noir", "Western", "Comedy", "Horror", "Romance", "Mystery", "Ocean", "Robot", "Dragon",
+          "Cooking")
+NOUNS = ("River", "Machine", "Empire", "Letters", "Road", "Kingdom", "Dreams", "Station", "Harbor", "Garden", "Mirror",
+         "Summer")
 
 
 class SyntheticWorldConfig(Section):
@@ -50,8 +53,12 @@ class SyntheticWorldConfig(Section):
     num_genres: int = Field(8, ge=2, le=len(GENRES), description="Number of genres the items are spread over.")
     min_interactions: int = Field(12, ge=3, description="Fewest interactions per user.")
     max_interactions: int = Field(30, ge=3, description="Most interactions per user.")
-    taste_concentration: float = Field(0.3, gt=0, description="Dirichlet concentration of user tastes (small = focused).")
-    genre_stickiness: float = Field(0.5, ge=0, le=1, description="Probability that the next genre repeats the last one.")
+    taste_concentration: float = Field(
+        0.3, gt=0, description="Dirichlet concentration of user tastes (small = focused)."
+    )
+    genre_stickiness: float = Field(
+        0.5, ge=0, le=1, description="Probability that the next genre repeats the last one."
+    )
     mood_strength: float = Field(1.0, ge=0, description="How strongly a user's favourite mood drives choices.")
     popularity_skew: float = Field(1.0, ge=0, description="Zipf exponent of item popularity.")
     exposure_bias: list[float] = Field(

@@ -1,6 +1,17 @@
-"""Evaluation: whole-catalog ranking by constrained beam search (with popularity and random baselines), the
-Yes/No CTR task by AUC and UAUC (`eval.task: ctr`), or text classification by label-word accuracy
-(`eval.task: classification`)."""
+"""Evaluation: the `eval` recipe section, and the measures and evaluators that tasks (`llmrec.tasks`) use.
+
+- `metrics`: HR@K, NDCG@K, over-recommendation, AUC and UAUC; `keys`: how metrics.json names every value;
+- `ranking` + `trie`: whole-catalog ranking by constrained beam search, the valid-item ratio, popularity and random
+  baselines;
+- `ctr`: p(Yes) scoring and AUC/UAUC/log-loss of like prediction, the CF-model baseline;
+- `classification`: label-word prediction, accuracy, the majority class;
+- `reasoning`: sampled solutions and mean@n / maj@n / pass@n;
+- `judges` + `preference_summary`: preference judges (rule, transformers, endpoint) and judge accuracy;
+- `instructions`: exact match, ROUGE-L and completion loss of greedy responses;
+- `plots`: curves.png (training loss, then each task's panels).
+
+Evaluators take models, tokenizers and plain rows; what a split's rows are is the task's business.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +25,21 @@ from llmrec.schema import Section
 class EvalConfig(Section):
     """`eval`: how the trained model is evaluated at the end of a run (and by `llmrec eval`)."""
 
-    task: Literal["ranking", "ctr", "classification", "reasoning", "preference_summary", "instructions"] = Field(
+    task: str = Field(
         "ranking",
-        description="'ranking': next-item ranking over the catalog; 'ctr': Yes/No like prediction (needs data.ctr); "
-        "'classification': accuracy by label-word scoring (needs data.classification; splits test and valid); "
-        "'reasoning': mean and majority-vote accuracy of sampled solutions (needs data.reasoning); "
-        "'preference_summary': judge accuracy given the model's user summaries (needs data.summaries); "
-        "'instructions': exact match, ROUGE-L and loss of greedy responses (needs data.instructions; split test).",
+        description="What the run trains and measures, a task of llmrec.tasks.TASKS: 'ranking': next-item ranking "
+        "over the catalog; 'ctr': Yes/No like prediction (needs data.ctr); 'classification': accuracy by label-word "
+        "scoring (needs data.classification; splits test and valid); 'reasoning': mean and majority-vote accuracy of "
+        "sampled solutions (needs data.reasoning); 'preference_summary': judge accuracy given the model's user "
+        "summaries (needs data.summaries); 'instructions': exact match, ROUGE-L and loss of greedy responses (needs "
+        "data.instructions; split test).",
     )
     splits: list[Literal["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"]] = Field(
-        default_factory=lambda: ["test"], min_length=1, description="Which targets to rank (ood_<kind> needs that shift)."
+        default_factory=lambda: ["test"], min_length=1,
+        description="Which targets to rank (ood_<kind> needs that shift).",
     )
-    ks: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1, description="Cut-offs for HR@K and NDCG@K.")
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1,
+                          description="Cut-offs for HR@K and NDCG@K.")
     num_beams: int | None = Field(None, ge=1, description="Beams (= items returned); default max(ks).")
     batch_size: int = Field(8, ge=1, description="Prompts per beam-search (or CTR / classification scoring) batch.")
     max_targets: int | None = Field(None, ge=1, description="Rank a seeded sample of this many targets (None: all).")

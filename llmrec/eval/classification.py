@@ -1,13 +1,10 @@
-"""Text-classification evaluation by label-word scoring (`eval.task: classification`, needs `data.classification`).
+"""Text-classification measures by label-word scoring.
 
 The predicted class of a row is the argmax over the logits of each label word's first token at the answer position
 (the token after the prompt), read by the same left-padded, one-position scoring as the CTR task
-(`llmrec.eval.answers`). Only the label words compete, so the model need not put them above every other token:
-what the SFT stage trains (the label word, then EOS) and what is measured agree on the class.
-
-Metrics, per split: `<split>/accuracy` and `<split>/rows`, and the majority-class baseline (always the most frequent
-class of the training rows) as `baseline/majority/accuracy` on the test split (`baseline/majority/<split>/...` on
-the others). Predictions hold each row's label, predicted class and the softmax over the label words.
+(`llmrec.answers`). Only the label words compete, so the model need not put them above every other token: what the
+SFT stage trains (the label word, then EOS) and what is measured agree on the class. The majority-class baseline
+always answers the most frequent class of the training rows.
 """
 
 from __future__ import annotations
@@ -17,12 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from llmrec.errors import LLMRecError
-from llmrec.logs import get_logger
-
-from .answers import answer_token_ids, prompt_answer_logits
-
-logger = get_logger(__name__)
+from llmrec.answers import answer_token_ids
 
 
 def label_token_ids(tokenizer, label_words: Sequence[str]) -> tuple[int, ...]:
@@ -45,32 +37,3 @@ def majority_class(labels: Sequence[int]) -> int:
     """The most frequent class (the smallest such class on a tie)."""
     counts = Counter(labels)
     return min(counts, key=lambda label: (-counts[label], label))
-
-
-def evaluate_classification(model, tokenizer, recipe, split: str) -> tuple[dict, list[dict]]:
-    """Metrics `<split>/accuracy`, `<split>/rows` and the majority baseline, plus one prediction per row."""
-    from llmrec.data.classification import classification_examples
-
-    from .ranking import baseline_prefix
-
-    config = recipe.data.classification
-    if config is None:
-        raise LLMRecError("eval.task: classification needs a data.classification section (the task and its label "
-                          "words).", "data.classification")
-    rows = classification_examples(config, split, recipe.run.seed)
-    if len(rows) == 0:
-        logger.warning(f"The {split} split has no classification rows; nothing to evaluate.")
-        return {}, []
-    label_ids = label_token_ids(tokenizer, config.label_words)
-    logits = prompt_answer_logits(model, tokenizer, rows, recipe.eval.batch_size, label_ids, f"classification {split}")
-    labels, predictions = list(rows["label"]), predict(logits)
-    majority = majority_class(classification_examples(config, "train", recipe.run.seed)["label"])
-    metrics = {
-        f"{split}/rows": len(labels),
-        f"{split}/accuracy": accuracy(labels, predictions),
-        baseline_prefix("majority", split) + "accuracy": accuracy(labels, [majority] * len(labels)),
-    }
-    probabilities = torch.softmax(logits, dim=-1).tolist()
-    rows_out = [{"row": i, "label": y, "prediction": p, "probabilities": [round(q, 6) for q in probs]}
-                for i, (y, p, probs) in enumerate(zip(labels, predictions, probabilities))]
-    return metrics, rows_out

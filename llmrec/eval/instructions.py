@@ -126,16 +126,3 @@ def evaluate_instruction_rows(model, tokenizer, rows: list[dict], max_new_tokens
         "rows": len(rows),
         "by_category": {category: sum(v) / len(v) for category, v in sorted(by_category.items())},
     }
-
-
-def evaluate_instructions(model, tokenizer, recipe, split: str) -> tuple[dict, list[dict]]:
-    """`eval.task: instructions`: the test rows of data.instructions (centralised split), greedy responses."""
-    from llmrec.data.instructions import instruction_split
-
-    config = recipe.data.instructions
-    rows = instruction_split(config, recipe.run.seed, split)
-    result = evaluate_instruction_rows(model, tokenizer, rows, config.max_new_tokens, recipe.eval.batch_size)
-    metrics = {f"{split}/{key}": float(result[key]) for key in ("exact_match", "rouge_l", "loss")}
-    metrics[f"{split}/rows"] = result["rows"]
-    metrics.update({f"{split}/exact_match/{category}": value for category, value in result["by_category"].items()})
-    return metrics, []

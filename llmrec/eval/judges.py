@@ -22,20 +22,21 @@ Three judges:
      ignored.
   3. The content words of a segment go to the disliked or the liked set: lowercase alphanumeric tokens, a
      hyphenated token kept whole ("sci-fi", "fast-paced": one word each, so no attribute counts more than once),
-     minus a small list of stop words and the cue words themselves. There is no stemming ("comedies" does not match "comedy").
+     minus a small list of stop words and the cue words themselves. There is no stemming ("comedies" does not match
+     "comedy").
 
   An option's score is the number of liked words among its own tokens (tokenised the same way) minus the number of
   disliked ones, and P(A) = sigmoid(sharpness * (score_A - score_B)). An empty summary gives exactly 0.5, and
   prob_a(A, B) == 1 - prob_a(B, A) exactly.
 * `TransformersJudge` ("transformers"): a local causal LM fills the prompt template and P(A) is the softmax over
   the next-token logits of the first tokens of " A" and " B" (left-padded batches with explicit position ids and one
-  logit position, by the answer scoring of `llmrec.eval.answers`, so a batched row scores like the row alone).
+  logit position, by the answer scoring of `llmrec.answers`, so a batched row scores like the row alone).
 * `EndpointJudge` ("endpoint"): the same prompt sent to an OpenAI-compatible completions server (`vllm serve`);
   P(A) comes from the top-20 log-probabilities of the first generated token. Standard library only: concurrent
   batched requests, retries with exponential backoff on timeouts, connection errors, HTTP 429 and 5xx, and an
   `LLMRecError` naming the URL when the server cannot be reached or answers something that is not a completion.
 
-`JudgeConfig` is the recipe section and `build_judge` makes a judge from it.
+`build_judge` makes a judge from a `data.summaries.judge` section (`llmrec.data.preference_summaries.JudgeConfig`).
 """
 
 from __future__ import annotations
@@ -53,17 +54,10 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from string import Formatter
-from typing import Literal
 
-from pydantic import Field, field_validator
-
+from llmrec.data.preference_summaries import JUDGE_TEMPLATE, NO_SUMMARY, check_judge_template
 from llmrec.errors import LLMRecError
-from llmrec.schema import Section
 
-DEFAULT_TEMPLATE = "User preferences: {summary}\n{query}\nA: {option_a}\nB: {option_b}\nAnswer:"
-TEMPLATE_FIELDS = ("summary", "query", "option_a", "option_b")
-NO_SUMMARY = "Not provided."
 ANSWERS = (" A", " B")
 
 
@@ -109,22 +103,6 @@ def sigmoid(x: float) -> float:
     if x < 0:
         return 1.0 - sigmoid(-x)
     return 1.0 / (1.0 + math.exp(-x))
-
-
-def check_template(template: str) -> str:
-    """`template` if it is a format string with exactly the fields {summary}, {query}, {option_a}, {option_b}."""
-    try:
-        names = [name for _, name, _, _ in Formatter().parse(template) if name is not None]
-    except ValueError as err:
-        raise ValueError(f"template is not a valid format string ({err})") from None
-    missing = [name for name in TEMPLATE_FIELDS if name not in names]
-    if missing:
-        raise ValueError(f"template must contain {{{missing[0]}}} (it fills in {', '.join(TEMPLATE_FIELDS)})")
-    others = sorted(set(names) - set(TEMPLATE_FIELDS))
-    if others:
-        raise ValueError(f"template may only use {{summary}}, {{query}}, {{option_a}} and {{option_b}}, "
-                         f"not {{{others[0]}}}")
-    return template
 
 
 def format_prompt(template: str, summary: str, query: str, option_a: str, option_b: str) -> str:
@@ -206,8 +184,8 @@ class TransformersJudge(Judge):
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, template: str = DEFAULT_TEMPLATE, batch_size: int = 16):
-        self.template = check_template(template)
+    def __init__(self, model, tokenizer, template: str = JUDGE_TEMPLATE, batch_size: int = 16):
+        self.template = check_judge_template(template)
         firsts = [tokenizer(answer, add_special_tokens=False)["input_ids"][:1] for answer in ANSWERS]
         if not all(firsts) or firsts[0] == firsts[1]:
             raise ValueError(f"the judge reads P(A) off the first tokens of {ANSWERS[0]!r} and {ANSWERS[1]!r}, but "
@@ -221,7 +199,7 @@ class TransformersJudge(Judge):
     def prob_a(self, questions: list[tuple[str, str, str, str]]) -> list[float]:
         import torch
 
-        from .answers import prompt_answer_logits
+        from llmrec.answers import prompt_answer_logits
 
         if not questions:
             return []
@@ -262,7 +240,8 @@ class CompletionsClient:
         root = base_url.rstrip("/")
         # an OpenAI client's base URL usually ends in /v1 already
         self.url = f"{root}/completions" if root.endswith("/v1") else f"{root}/v1/completions"
-        self.timeout, self.max_retries, self.backoff, self._sleep, self.what = timeout, max_retries, backoff, sleep, what
+        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        self._sleep, self.what = sleep, what
         self._api_key = api_key if api_key is not None else os.environ.get(api_key_env) if api_key_env else None
 
     def complete(self, body: dict) -> bytes:
@@ -310,7 +289,7 @@ class EndpointJudge(Judge):
         self,
         base_url: str,
         model: str,
-        template: str = DEFAULT_TEMPLATE,
+        template: str = JUDGE_TEMPLATE,
         batch_size: int = 32,
         timeout: float = 30.0,
         max_retries: int = 4,
@@ -322,7 +301,7 @@ class EndpointJudge(Judge):
     ):
         if batch_size < 1 or max_workers < 1:
             raise ValueError("batch_size and max_workers must be at least 1")
-        self.template = check_template(template)
+        self.template = check_judge_template(template)
         self.client = CompletionsClient(base_url, timeout, max_retries, backoff, api_key, api_key_env, sleep,
                                         what="the judge endpoint")
         self.url, self.model = self.client.url, model
@@ -374,39 +353,6 @@ def _error_body(err: urllib.error.HTTPError) -> str:
     return " ".join(text.split()) or "no body"
 
 
-# --- configuration -----------------------------------------------------------------------------------------------
-
-
-class JudgeConfig(Section):
-    """`judge`: the preference judge that verifies summaries, rewards them in RL and measures them."""
-
-    kind: Literal["rule", "transformers", "endpoint"] = Field(
-        "rule", description="'rule': word matching (CPU, transparent); 'transformers': a local causal LM; "
-        "'endpoint': an OpenAI-compatible completions server (e.g. `vllm serve`)."
-    )
-    sharpness: float = Field(2.0, gt=0, description="rule: P(A) = sigmoid(sharpness * (score_A - score_B)).")
-    likes_only: bool = Field(False, description="rule: read only what the summary says the user likes.")
-    model: str | None = Field(
-        None, description="transformers: a local folder or Hugging Face Hub id (unless a loaded model is passed); "
-        "endpoint: the model name the server serves."
-    )
-    base_url: str | None = Field(None, description="endpoint: the server's address, e.g. http://localhost:8000.")
-    template: str = Field(
-        DEFAULT_TEMPLATE, description="transformers, endpoint: the prompt, with {summary}, {query}, {option_a} and "
-        "{option_b}; the answer is read off the next token (' A' or ' B')."
-    )
-    batch_size: int = Field(16, ge=1, description="Prompts per forward pass (transformers) or per request (endpoint).")
-    timeout: float = Field(30.0, gt=0, description="endpoint: seconds to wait for one request.")
-    max_retries: int = Field(
-        4, ge=0, description="endpoint: retries of a request after a timeout, connection error, HTTP 429 or 5xx."
-    )
-
-    @field_validator("template")
-    @classmethod
-    def _template_fields(cls, template: str) -> str:
-        return check_template(template)
-
-
 def load_judge_model(name: str):
     """(model, tokenizer) of a local folder or Hub id, on the GPU when there is one."""
     import torch
@@ -422,7 +368,7 @@ def load_judge_model(name: str):
     return model, tokenizer
 
 
-def build_judge(config: JudgeConfig, model=None, tokenizer=None) -> Judge:
+def build_judge(config, model=None, tokenizer=None) -> Judge:
     """The judge `config` describes; a transformers judge uses `model` and `tokenizer` when given (both or none)."""
     if config.kind == "rule":
         return RuleJudge(config.sharpness, config.likes_only)

@@ -1,4 +1,4 @@
-"""Whole-catalog ranking of next-item recommendations.
+"""Whole-catalog ranking by constrained beam search, the valid-item ratio, and the popularity and random baselines.
 
 The model ranks the catalog by constrained beam search: `transformers`' beam search with a logits processor that
 restricts every beam to the catalog trie, `num_beams` beams and as many returned sequences, and
@@ -10,54 +10,25 @@ same targets, so the comparison is like for like.
 The valid-item ratio measures the model without the constraint: the share of greedy, unconstrained generations
 that are exactly a catalog title.
 
-Under several processes the targets are split between processes and the rankings gathered on every process.
+Under several processes `rank_between_processes` splits the prompts between processes and gathers the rankings on
+every process. The ranking task (`llmrec.tasks.ranking`) picks the targets and turns rankings into metrics.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from llmrec.data import NextItemTaskConfig, RecData, ShiftConfig, next_item_examples, ood_split, popularity_shift_sample
-from llmrec.logs import get_logger
-
-from . import EvalConfig
-from .metrics import ranking_metrics
 from .trie import CatalogTrie
 
-logger = get_logger(__name__)
 
-
-@dataclass
-class Target:
-    user_id: str
-    item_id: str
-    history: list[str]
-    prompt: str
-
-
-def eval_targets(
-    data: RecData, split: str, task: NextItemTaskConfig, max_targets: int | None, seed: int, shifts: list[ShiftConfig]
-) -> list[Target]:
-    """The targets of a split; the popularity-shift OOD set is drawn from the test targets here."""
-    drawn = split == ood_split("popularity")
-    rows = next_item_examples(data, "test" if drawn else split, task)
-    targets = [Target(r["user_id"], r["item_id"], r["history"], r["prompt"]) for r in rows]
-    if drawn:
-        shift = next(s for s in shifts if s.kind == "popularity")
-        picked = popularity_shift_sample([t.item_id for t in targets], data.popularity("train"), shift, seed)
-        targets = [targets[i] for i in picked]
-    if max_targets is not None and len(targets) > max_targets:
-        targets = random.Random(seed).sample(targets, max_targets)
-    return targets
-
-
-def build_trie(tokenizer, data: RecData, task: NextItemTaskConfig) -> CatalogTrie:
+def build_trie(tokenizer, data, task) -> CatalogTrie:
+    """The trie of the catalog's titles (`data`: a RecData) as they follow the next-item prompt (`task`: its
+    `data.task` section)."""
     return CatalogTrie.from_titles(tokenizer, data.titles, task.completion_anchor)
 
 
@@ -154,7 +125,8 @@ def _greedy_logprobs(output, prompt_length: int, eos: int) -> list[float]:
 
 
 @torch.no_grad()
-def valid_item_ratio(model, tokenizer, titles: set[str], prompts: Sequence[str], max_new_tokens: int, batch_size: int) -> float:
+def valid_item_ratio(model, tokenizer, titles: set[str], prompts: Sequence[str], max_new_tokens: int,
+                     batch_size: int) -> float:
     """Share of greedy, unconstrained generations that are exactly a catalog title."""
     if not prompts:
         return float("nan")
@@ -179,8 +151,8 @@ def valid_item_ratio(model, tokenizer, titles: set[str], prompts: Sequence[str],
     return valid / len(prompts)
 
 
-def popularity_order(data: RecData) -> list[str]:
-    """Catalog items by training interactions, most popular first (ties by item id)."""
+def popularity_order(data) -> list[str]:
+    """Catalog items of a RecData by training interactions, most popular first (ties by item id)."""
     counts = data.popularity("train")
     return sorted(data.titles, key=lambda item: (-counts.get(item, 0), item))
 
@@ -201,72 +173,26 @@ def random_ranking(items: Sequence[str], excluded: Sequence[str], k: int, rng: r
     return rng.sample(pool, min(k, len(pool)))
 
 
-def baseline_prefix(name: str, split: str) -> str:
-    """Metric-key prefix of a baseline: 'baseline/<name>/' on the test split, 'baseline/<name>/<split>/' elsewhere."""
-    return f"baseline/{name}/" if split == "test" else f"baseline/{name}/{split}/"
-
-
-def evaluate_ranking(
-    model, tokenizer, data: RecData, task: NextItemTaskConfig, config: EvalConfig, seed: int, split: str,
-    shifts: list[ShiftConfig],
-):
-    """(metrics, predictions) of one split. Metric keys: '<split>/hr@10', '<split>/ndcg@10', '<split>/over_rec@10',
-    ..., '<split>/valid_item_ratio', and the baselines under `baseline_prefix(name, split)`."""
+def rank_between_processes(model, tokenizer, trie: CatalogTrie, prompts: Sequence[str],
+                           excluded: Sequence[Sequence[str]] | None, num_beams: int,
+                           batch_size: int) -> list[list[tuple[str, float]]]:
+    """`rank_with_model` with the prompts split between processes; every process gets every ranking, in order."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
     state = PartialState()
-    targets = eval_targets(data, split, task, config.max_targets, seed, shifts)
-    trie = build_trie(tokenizer, data, task)
-    logger.info(f"Ranking {len(data.titles)} items for {len(targets)} {split} targets ({config.beams} beams).")
-
-    indices = list(range(len(targets)))
+    indices = list(range(len(prompts)))
     with state.split_between_processes(indices, apply_padding=True) as mine:
         ranked = rank_with_model(
             model,
             tokenizer,
             trie,
-            [targets[i].prompt for i in mine],
-            [targets[i].history for i in mine] if config.exclude_history else None,
-            config.beams,
-            config.batch_size,
+            [prompts[i] for i in mine],
+            [excluded[i] for i in mine] if excluded is not None else None,
+            num_beams,
+            batch_size,
             progress=state.is_main_process,
         )
         local = list(zip(mine, ranked))
-    gathered = gather_object(local) if state.num_processes > 1 else local
-    by_index = dict(gathered)
-    rankings = [[item for item, _ in by_index[i]] for i in indices]
-
-    metrics = {f"{split}/{key}": value for key, value in ranking_metrics(rankings, [t.item_id for t in targets], config.ks).items()}
-    metrics[f"{split}/targets"] = len(targets)
-    metrics[f"{split}/catalog_items"] = len(trie)
-
-    if config.valid_item_samples:
-        sample = targets[: config.valid_item_samples]
-        metrics[f"{split}/valid_item_ratio"] = valid_item_ratio(
-            model, tokenizer, set(data.titles.values()), [t.prompt for t in sample], trie.depth + 2, config.batch_size
-        )
-
-    k = max(config.ks)
-    rng = random.Random(seed)
-    items = sorted(data.titles)
-    for name in config.baselines:
-        if name == "popularity":
-            order = popularity_order(data)
-            base = [top_k_excluding(order, t.history if config.exclude_history else [], k) for t in targets]
-        else:
-            base = [random_ranking(items, t.history if config.exclude_history else [], k, rng) for t in targets]
-        for key, value in ranking_metrics(base, [t.item_id for t in targets], config.ks).items():
-            metrics[baseline_prefix(name, split) + key] = value
-
-    titles = data.titles
-    predictions = [
-        {
-            "user_id": t.user_id,
-            "target": t.item_id,
-            "target_title": titles[t.item_id],
-            "ranked": [{"item_id": item, "title": titles[item], "logprob": round(score, 4)} for item, score in by_index[i]],
-        }
-        for i, t in enumerate(targets)
-    ]
-    return metrics, predictions
+    by_index = dict(gather_object(local) if state.num_processes > 1 else local)
+    return [by_index[i] for i in indices]

@@ -1,5 +1,6 @@
-"""One federated client: its partition of the data, its adapter, local training with TRL's `SFTTrainer`, and
-evaluation of the global and of its personal adapter. Flower's `ClientApp` (`llmrec.federated.app`) calls it.
+"""One federated client: its partition of the data, its adapter, local training with stage 0's trainer (`sft`,
+TRL's `SFTTrainer`, from the stage registry) on the rows it was dealt, and evaluation of the global and of its
+personal adapter. Flower's `ClientApp` (`llmrec.federated.app`) calls it.
 
 A client keeps, between rounds, only what its rule does not upload (`private-round-<N>.safetensors` in its work
 folder, written atomically; the two newest are kept). Each round it starts from the global tensors it received
@@ -94,6 +95,27 @@ def client_rows(recipe, client: int) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
+def partition_stats(recipe) -> list[str]:
+    """`llmrec data stats` of a federated recipe: the rule, the partition, and each client's rows."""
+    from collections import Counter
+
+    fed = recipe.federated
+    lines = [f"{'rule':>20}: {fed.rule}",
+             f"{'partition':>20}: by {fed.partition.by}, Dirichlet alpha {fed.partition.alpha}"]
+    example = None
+    for client in range(fed.num_clients):
+        train, test = client_rows(recipe, client)
+        counts = Counter(row["category"] for row in train + test)
+        shown = ", ".join(f"{name} {n}" for name, n in counts.most_common(3))
+        top_share = counts.most_common(1)[0][1] / (len(train) + len(test))
+        lines.append(f"{'client ' + str(client):>20}: {len(train)} train, {len(test)} test rows; "
+                     f"{len(counts)} categories, top share {top_share:.2f} "
+                     f"({shown}{', ...' if len(counts) > 3 else ''})")
+        example = example or train[0]
+    lines.append("\nexample prompt:\n" + example["prompt"] + "\nexample completion:\n" + example["completion"])
+    return lines
+
+
 class FederatedClient:
     """The model, data and private state of one client (reused across rounds within one process)."""
 
@@ -150,7 +172,8 @@ class FederatedClient:
         """Local training of one round: (the tensors to upload, metrics)."""
         from datasets import Dataset
         from transformers import PrinterCallback
-        from trl import SFTTrainer
+
+        from llmrec.trainers import StageContext, get_stage
 
         faults = self.recipe.federated.faults
         if [server_round, self.client] in [list(pair) for pair in faults.crash]:
@@ -158,8 +181,11 @@ class FederatedClient:
         self._set_state(global_state, self.latest_private(server_round))
         self.model.train()
         rows = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in self.train_rows])
-        trainer = SFTTrainer(model=self.model, args=self._training_args(server_round), train_dataset=rows,
-                             processing_class=self.tokenizer)
+        spec = get_stage(self.recipe.stages[0].trainer, "stages.0.trainer")
+        args = self._training_args(server_round)
+        context = StageContext(self.recipe, None, self.model, self.tokenizer, 0, wants_eval=False, args=args)
+        trainer = spec.trainer_class(model=self.model, args=args, train_dataset=rows, processing_class=self.tokenizer,
+                                     **spec.trainer_kwargs(context))
         trainer.remove_callback(PrinterCallback)  # the server logs each round; per-step dicts from N clients are noise
         trainer.train()
         state = adapter_state(self.model)
@@ -222,7 +248,7 @@ def initial_model(recipe, base_dir: Path, work_dir: Path):
     from llmrec.adapters import AdapterContext, get_adapter
     from llmrec.data import load_data
     from llmrec.models import is_tiny, load_base
-    from llmrec.run import tokenizer_texts
+    from llmrec.tasks import tokenizer_texts
 
     # a tiny base is built from the data's texts the first time (deterministic, so a remote client builds the same)
     build = is_tiny(recipe.model.name) and not (Path(base_dir) / "config.json").is_file()
@@ -230,7 +256,8 @@ def initial_model(recipe, base_dir: Path, work_dir: Path):
     model, tokenizer = load_base(recipe.model, Path(base_dir), tokenizer_texts(recipe, data), recipe.run.seed,
                                  main_process=True)
     torch.manual_seed(recipe.run.seed)
-    model = get_adapter(recipe.adapter.method).attach(model, recipe.adapter.args, AdapterContext(recipe, data, work_dir))
+    model = get_adapter(recipe.adapter.method).attach(model, recipe.adapter.args,
+                                                      AdapterContext(recipe, data, work_dir))
     return model, tokenizer, adapter_state(model)
 
 
@@ -256,4 +283,4 @@ def _poisoned(upload: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Ten
     return upload
 
 
-__all__ = ["FederatedClient", "adapter_state", "client_rows", "load_adapter_state", "lora_scaling"]
+__all__ = ["FederatedClient", "adapter_state", "client_rows", "load_adapter_state", "lora_scaling", "partition_stats"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -51,6 +51,9 @@ class FederatedConfig(Section):
     stage 0 (`trainer: sft`; its `max_steps` is the number of local steps per round), uploads the tensors the rule
     shares, and the server aggregates them; then every client evaluates the global and its own adapter."""
 
+    # the clients train and evaluate the rows they are dealt, so data.instructions needs no eval.task of its own
+    deals_out_rows: ClassVar[bool] = True
+
     rule: RuleName = Field("fedlora_opt", description="The aggregation rule (llmrec.federated.rules.RULES).")
     num_clients: int = Field(4, ge=1, description="Clients (virtual SuperNodes in simulation).")
     rounds: int = Field(3, ge=1, description="Federated rounds.")
@@ -78,3 +81,23 @@ class FederatedConfig(Section):
             if not 0 <= where[1] < self.num_clients:
                 raise ValueError(f"faults name client {where[1]}, but clients are 0..{self.num_clients - 1}")
         return self
+
+    def needs(self, recipe) -> list[tuple[tuple, str]]:
+        """A federated recipe trains one SFT stage locally with the adapter its rule works on, on data it can deal
+        out."""
+        from .rules import build_rule
+
+        needs = []
+        rule = build_rule(self.rule)
+        if recipe.adapter.method != rule.adapter:
+            needs.append((("adapter", "method"), f"federated.rule {self.rule!r} works on adapter.method "
+                          f"{rule.adapter!r}, not {recipe.adapter.method!r}."))
+        if len(recipe.stages) != 1 or recipe.stages[0].trainer != "sft":
+            needs.append((("stages",), "a federated recipe has one stage, `trainer: sft`: the clients' local training "
+                          "(its max_steps = local steps per round)."))
+        elif "max_steps" not in recipe.stages[0].args:
+            needs.append((("stages", 0, "args"), "set max_steps: the number of local training steps per round."))
+        if self.partition.by == "category" and recipe.data.instructions is None:
+            needs.append((("federated", "partition", "by"), "partitions by category deal out the examples of "
+                          "data.instructions; add that section (or partition by user_group)."))
+        return needs

@@ -11,14 +11,16 @@ Each rule declares which tensor kinds leave a client (`uploads`), which never tr
 server turns the uploaded tensors of one round into the next global tensors (`aggregate`). Weights are the
 clients' training-example counts, normalised to p_k = n_k / Σ n.
 
-| rule          | adapter | uploaded                | kept on the client | server                                   |
-|---------------|---------|-------------------------|--------------------|------------------------------------------|
-| fedlora_opt   | fedlora | A_D, a_M, B_D           | b_M                | Σ p_k of unit rows, re-normalised; a_M Σ p_k |
-| fedit         | lora    | A, B                    | -                  | Σ p_k A_k, Σ p_k B_k                     |
-| ffa           | lora    | B (A frozen, shared init)| -                 | Σ p_k B_k                                |
-| fedsa         | lora    | A                       | B                  | Σ p_k A_k                                |
-| flora         | lora    | A, B (fresh each round) | -                  | stack: [p_1 s B_1 … p_K s B_K], [A_1; …; A_K] |
-| local         | lora    | nothing                 | A, B               | nothing                                  |
+| rule        | adapter | uploaded                  | kept on the client | server                                   |
+|-------------|---------|---------------------------|--------------------|------------------------------------------|
+| fedlora_opt | fedlora | A_D, a_M, B_D             | b_M                | Σ p_k of unit rows, re-normalised;       |
+|             |         |                           |                    | a_M Σ p_k                                |
+| fedit       | lora    | A, B                      | -                  | Σ p_k A_k, Σ p_k B_k                     |
+| ffa         | lora    | B (A frozen, shared init) | -                  | Σ p_k B_k                                |
+| fedsa       | lora    | A                         | B                  | Σ p_k A_k                                |
+| flora       | lora    | A, B (fresh each round)   | -                  | stack: [p_1 s B_1 … p_K s B_K],          |
+|             |         |                           |                    | [A_1; …; A_K]                            |
+| local       | lora    | nothing                   | A, B               | nothing                                  |
 
 FLoRA (Wang et al., 2024) stacks instead of averaging, so the round's update B_stack A_stack equals
 Σ_k p_k s B_k A_k exactly (s = α/r folded into B_stack); the global state is the stack of every round so far

@@ -14,8 +14,8 @@
 The simulation engine (Ray) runs `federated.num_clients` virtual SuperNodes on this machine, started in process
 with `flwr.simulation.run_simulation` (deprecated in Flower 1.42 in favour of `flwr run`, which needs a SuperLink
 process and a Flower configuration file; the in-process call keeps `llmrec federate` one command). The same apps
-run under a SuperLink and SuperNodes (`llmrec.federated.app`, docs/federated-deployment.md). Rerunning the command resumes after the newest complete
-round; a complete run only prints its metrics.
+run under a SuperLink and SuperNodes (`llmrec.federated.app`, docs/federated-deployment.md). Rerunning the command
+resumes after the newest complete round; a complete run only prints its metrics.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ ROUND_RECORD = "record.json"
 
 
 def _run_dir(recipe):
-    from llmrec.run import RunDir
+    from llmrec.rundir import RunDir
 
     return RunDir(recipe.run_dir)
 
@@ -53,7 +53,8 @@ def round_dir(run, server_round: int) -> Path:
 
 def completed_rounds(run) -> list[int]:
     folder = run.path / "federated"
-    rounds = [int(p.name.split("-")[1]) for p in folder.glob("round-*") if (p / ROUND_RECORD).is_file()] if folder.is_dir() else []
+    rounds = ([int(p.name.split("-")[1]) for p in folder.glob("round-*") if (p / ROUND_RECORD).is_file()]
+              if folder.is_dir() else [])
     return sorted(rounds)
 
 
@@ -70,7 +71,7 @@ def with_absolute_paths(recipe):
 def prepare(recipe, overwrite: bool = False):
     """The run directory, refusing one that holds a different recipe; its recipe.yaml is written by `start` once
     the model has loaded, so a recipe that cannot start leaves nothing to be refused later."""
-    from llmrec.run import check_same_recipe
+    from llmrec.rundir import check_same_recipe
 
     run = _run_dir(recipe)
     if run.path.exists() and overwrite:
@@ -91,9 +92,9 @@ def start(run, recipe):
 
 def serve(recipe, grid) -> None:
     """The ServerApp's work: resume or start, run the rounds, then write the run's results."""
-    from .server import AdapterStrategy, run_rounds
-
     from safetensors.torch import load_file
+
+    from .server import AdapterStrategy, run_rounds
 
     recipe = with_absolute_paths(recipe)
     run = prepare(recipe)
@@ -121,7 +122,8 @@ def serve(recipe, grid) -> None:
 
         first = done[-1] + 1 if done else 1
         if first <= fed.rounds:
-            global_state = run_rounds(strategy, grid, fed.rounds, global_state, first, config, fed.round_timeout, on_round)
+            global_state = run_rounds(strategy, grid, fed.rounds, global_state, first, config, fed.round_timeout,
+                                      on_round)
         records = [read_json(round_dir(run, r) / ROUND_RECORD) for r in completed_rounds(run)]
         finish(run, recipe, rule, model, tokenizer, initial, global_state, records)
     except BaseException as err:
@@ -251,7 +253,8 @@ def summarise(records: list[dict], recipe) -> dict:
     if trained:
         metrics["federated/bytes_up_per_round"] = sum(r["bytes_up"] for r in trained) / len(trained)
         metrics["federated/bytes_down_per_round"] = sum(r["bytes_down"] for r in trained) / len(trained)
-        metrics["federated/bytes_per_round"] = metrics["federated/bytes_up_per_round"] + metrics["federated/bytes_down_per_round"]
+        metrics["federated/bytes_per_round"] = (metrics["federated/bytes_up_per_round"]
+                                                + metrics["federated/bytes_down_per_round"])
         metrics["federated/rejected_updates"] = sum(len(r["rejected"]) for r in trained)
         metrics["federated/failed_clients"] = sum(len(r["failed"]) + r["timed_out"] for r in trained)
         metrics["federated/seconds_per_round"] = sum(r.get("seconds", 0.0) for r in trained) / len(trained)
@@ -293,7 +296,7 @@ def draw_rounds(path: Path, records: list[dict], recipe) -> None:
 
 
 def card(recipe, metrics: dict, records: list[dict]) -> str:
-    from llmrec.publish.card import library_versions
+    from llmrec.versions import library_versions
 
     from .rules import RULES
 
@@ -333,5 +336,5 @@ def print_summary(metrics: dict, recipe) -> None:
     if "federated/bytes_per_round" in metrics:
         print(f"communication: {metrics['federated/bytes_up_per_round'] / 1e6:.3f} MB up, "
               f"{metrics['federated/bytes_down_per_round'] / 1e6:.3f} MB down per round; "
-              f"{metrics['federated/rejected_updates']} updates rejected, {metrics['federated/failed_clients']} clients "
-              "failed")
+              f"{metrics['federated/rejected_updates']} updates rejected, "
+              f"{metrics['federated/failed_clients']} clients failed")

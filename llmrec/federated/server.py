@@ -55,7 +55,8 @@ class AdapterStrategy(FedAvg):
         self.round_record: dict = {}
         self.last_eval: list[dict] = []
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sent, self.sampled = state_of(arrays), len(messages)
         self.round_record = {"round": server_round, "sampled": self.sampled,
@@ -69,7 +70,8 @@ class AdapterStrategy(FedAvg):
             return self.expected
         return {name: self.sent.get(name, tensor) for name, tensor in self.expected.items()}
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         accepted, weights, clients, rejected, failed = [], [], [], [], []
         reference = self.reference()
@@ -92,7 +94,8 @@ class AdapterStrategy(FedAvg):
                 continue
             accepted.append(update)
             weights.append(float(metrics["num-examples"]))
-            clients.append({**{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, "client": client})
+            clients.append({**{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+                            "client": client})
         missing = self.sampled - len(replies)
         for failure in failed:
             logger.warning(f"round {server_round}: a client failed: {failure['reason'].strip().splitlines()[-1]}")
@@ -114,7 +117,8 @@ class AdapterStrategy(FedAvg):
         loss = sum(w * c.get("train_loss", 0.0) for w, c in zip(weights, clients)) / total
         return record_of(new_state), MetricRecord({"train_loss": loss, "num-examples": total})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
         """Every client evaluates (waiting, as training does, until all `num_clients` have connected)."""
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -167,7 +171,8 @@ def run_rounds(strategy: AdapterStrategy, grid: Grid, num_rounds: int, global_st
     return global_state
 
 
-def _evaluate(strategy: AdapterStrategy, grid: Grid, server_round: int, global_state, config: dict, timeout: float) -> dict:
+def _evaluate(strategy: AdapterStrategy, grid: Grid, server_round: int, global_state, config: dict,
+              timeout: float) -> dict:
     replies = grid.send_and_receive(
         strategy.configure_evaluate(server_round, record_of(global_state), ConfigRecord(dict(config)), grid),
         timeout=timeout,

@@ -71,7 +71,8 @@ def load_base(
         if not (base_dir / "config.json").is_file():
             if not main_process:
                 raise RuntimeError(f"{base_dir} should have been written by the main process first")
-            logger.info(f"Building {config.name} and training its tokenizer (vocabulary {config.tokenizer_vocab_size}).")
+            logger.info(f"Building {config.name} and training its tokenizer "
+                        f"(vocabulary {config.tokenizer_vocab_size}).")
             tokenizer = train_tokenizer(texts(), config.tokenizer_vocab_size, config.tokenizer_split_digits)
             model = build_tiny_model(config.name, tokenizer, seed, config.tiny_overrides)
             with atomic_dir(base_dir) as tmp:

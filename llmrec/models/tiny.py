@@ -20,9 +20,12 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 
 _SHAPES = {
-    "xs": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "s": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
-    "m": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),
+    "xs": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2),
+    "s": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2),
+    "m": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+              num_key_value_heads=4),
 }
 PRESETS = {f"{family}-{size}": (family, shape) for family in ("qwen2", "llama") for size, shape in _SHAPES.items()}
 _CONFIG_CLASSES = {"qwen2": Qwen2Config, "llama": LlamaConfig}
@@ -48,7 +51,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: bool = 
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits else byte_level
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits
+        else byte_level
     )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -69,7 +73,8 @@ def build_tiny_model(name: str, tokenizer: PreTrainedTokenizerFast, seed: int, o
     for key, value in (overrides or {}).items():
         if key not in known:
             raise LLMRecError(
-                f"{key!r} is not a field of {config_class.__name__}.{did_you_mean(key, known)}", f"model.tiny_overrides.{key}"
+                f"{key!r} is not a field of {config_class.__name__}.{did_you_mean(key, known)}",
+                f"model.tiny_overrides.{key}",
             )
         fields[key] = value
     # std 1/sqrt(hidden) keeps activations at unit scale and gives tied-embedding logits a usable range; with the

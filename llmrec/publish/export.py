@@ -25,7 +25,7 @@ logger = get_logger(__name__)
 
 def _finished_run(run_dir: str | Path, out: str | Path):
     from llmrec.recipe import load_recipe
-    from llmrec.run import RunDir
+    from llmrec.rundir import RunDir
 
     run = RunDir(run_dir)
     if not run.recipe_file.is_file():
@@ -37,7 +37,7 @@ def _finished_run(run_dir: str | Path, out: str | Path):
 
 
 def export_peft_prompt_tuning(run_dir: str | Path, out: str | Path) -> Path:
-    from llmrec.run import load_trained
+    from llmrec.rundir import load_trained
 
     run, recipe, out = _finished_run(run_dir, out)
     if recipe.adapter.method not in ("ept", "lamp"):
@@ -53,7 +53,7 @@ def export_peft_prompt_tuning(run_dir: str | Path, out: str | Path) -> Path:
 
 def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = None, item: str | None = None,
                      client: int | None = None) -> Path:
-    from llmrec.run import load_trained
+    from llmrec.rundir import load_trained
 
     run, recipe, out = _finished_run(run_dir, out)
     method = recipe.adapter.method
@@ -73,7 +73,8 @@ def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = No
         return out
     if method not in ("lora", "cora"):
         raise LLMRecError(f"only LoRA and CoRA runs export to a PEFT LoRA adapter; this run's adapter is {method!r}"
-                          f"{' (use --to peft-prompt-tuning)' if method in ('ept', 'lamp') else ''}.", "adapter.method")
+                          f"{' (use --to peft-prompt-tuning)' if method in ('ept', 'lamp') else ''}.",
+                          "adapter.method")
     if method == "lora":
         if user or item:
             raise LLMRecError("a LoRA adapter is the same for every user; drop --user and --item.", "--user")
@@ -82,7 +83,8 @@ def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = No
                 shutil.copy2(run.final / name, tmp / name)
         return out
     if user is None:
-        raise LLMRecError("a CoRA adapter is materialised for one user; pass --user (and --item unless it is user-conditioned).", "--user")
+        raise LLMRecError("a CoRA adapter is materialised for one user; pass --user (and --item unless it is "
+                          "user-conditioned).", "--user")
     _, _, model, tokenizer, _ = load_trained(run_dir)
     with atomic_dir(out) as tmp:
         model.to_peft_lora(tmp, user, item)

@@ -38,8 +38,10 @@ def generation_backend(trainer, vllm_chunk_tokens: int = 32) -> Iterator[HFRollo
             model.train(training)
 
 
-def share_groups(trainer, prompts: list, extras: list, group: int,
-                 grow: Callable[[list[tuple[int, Any, Any]]], list[tuple[int, list, dict]]]) -> tuple[list, list[dict]]:
+def share_groups(
+    trainer, prompts: list, extras: list, group: int,
+    grow: Callable[[list[tuple[int, Any, Any]]], list[tuple[int, list, dict]]],
+) -> tuple[list, list[dict]]:
     """Run `grow` on this process's questions and return (this process's rows, every question's stats).
 
     `prompts` and `extras` are this process's share of the generation batch (each question repeated `group` times);
@@ -49,7 +51,8 @@ def share_groups(trainer, prompts: list, extras: list, group: int,
     process = trainer.accelerator
     everyone = gather_object(list(zip(prompts, extras)))
     if len(everyone) % group:
-        raise LLMRecError(f"the generation batch ({len(everyone)} prompts) is not a whole number of groups of {group}.")
+        raise LLMRecError(f"the generation batch ({len(everyone)} prompts) is not a whole number of groups of "
+                          f"{group}.")
     questions = everyone[::group]
     mine = [(q, *questions[q]) for q in range(process.process_index, len(questions), process.num_processes)]
     records = sorted(gather_object(grow(mine) if mine else []), key=lambda record: record[0])

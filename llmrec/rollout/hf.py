@@ -72,7 +72,8 @@ class HFRollout:
             scaled = logits / sampling.temperature
             sampled_logp = torch.log_softmax(scaled, dim=-1)  # recorded and used for the signals (before top-p)
             entropy, confidence = token_signals(sampled_logp, tree.top_k, tree.confidence_k)
-            tokens = torch.multinomial(torch.softmax(_filtered(scaled, sampling.top_p), dim=-1), 1, generator=generator).squeeze(1)
+            tokens = torch.multinomial(torch.softmax(_filtered(scaled, sampling.top_p), dim=-1), 1,
+                                       generator=generator).squeeze(1)
             top = sampled_logp.topk(min(tree.max_width + 1, sampled_logp.shape[-1]), dim=-1).indices
             # one transfer to Python lists per step; the per-row loop below is plain Python
             token_list, entropy_list, confidence_list = tokens.tolist(), entropy.tolist(), confidence.tolist()
@@ -83,9 +84,11 @@ class HFRollout:
             for i, branch in enumerate(rows):
                 token = token_list[i]
                 alternatives = list(zip(top_list[i], top_logp[i])) if tree.branching else []
-                decision = builder.observe(branch, token, chosen_logp[i], entropy_list[i], confidence_list[i], alternatives)
+                decision = builder.observe(branch, token, chosen_logp[i], entropy_list[i], confidence_list[i],
+                                           alternatives)
                 continuing = [branch] if decision.stop is None else []
-                continuing += [builder.branches[c] for c in decision.alternatives if builder.branches[c].state == "active"]
+                continuing += [builder.branches[c] for c in decision.alternatives
+                               if builder.branches[c].state == "active"]
                 for row in continuing:  # a fork's row is a copy of its parent's row i
                     keep.append(i)
                     feed.append(row.token_ids[-1])
@@ -99,7 +102,8 @@ class HFRollout:
                 mask = mask[index]
             mask = torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
             out = self.model(input_ids=torch.tensor(feed, device=mask.device).unsqueeze(1), attention_mask=mask,
-                             position_ids=(mask.sum(-1, keepdim=True) - 1), use_cache=True, **{self.cache_argument: cache})
+                             position_ids=(mask.sum(-1, keepdim=True) - 1), use_cache=True,
+                             **{self.cache_argument: cache})
             logits = out.logits[:, -1].float()
 
     def _start(self, prompt_kv, prompt_mask, prompt_logits, rows: list[Branch]):

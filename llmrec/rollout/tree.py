@@ -46,23 +46,37 @@ import torch
 class TreeConfig:
     """How rollouts branch and prune (the ECHO trainer exposes every field in its config)."""
 
-    branching: bool = field(default=True, metadata={"help": "Fork at high-entropy, low-confidence tokens. Off: flat sampling."})
+    branching: bool = field(
+        default=True, metadata={"help": "Fork at high-entropy, low-confidence tokens. Off: flat sampling."}
+    )
     pruning: bool = field(default=True, metadata={"help": "Stop hopeless branches while decoding."})
     roots: int = field(default=1, metadata={"help": "Independent roots per question when branching (flat: N roots)."})
-    max_depth: int = field(default=2, metadata={"help": "Forks along one root-to-leaf path (1: the authors' release)."})
-    top_k: int = field(default=20, metadata={"help": "K: the signals' distribution is renormalised over the top K tokens."})
-    confidence_k: int = field(default=5, metadata={"help": "k: confidence averages -log p over the k most likely tokens."})
+    max_depth: int = field(
+        default=2, metadata={"help": "Forks along one root-to-leaf path (1: the authors' release)."}
+    )
+    top_k: int = field(
+        default=20, metadata={"help": "K: the signals' distribution is renormalised over the top K tokens."}
+    )
+    confidence_k: int = field(
+        default=5, metadata={"help": "k: confidence averages -log p over the k most likely tokens."}
+    )
     min_depth: int = field(default=4, metadata={"help": "No fork or prune before this many completion tokens."})
     entropy_high: float = field(default=3.5, metadata={"help": "H_high: fork only at or above this entropy."})
-    entropy_low: float = field(default=1.0, metadata={"help": "H_low: the bottom of the width formula's entropy scale."})
+    entropy_low: float = field(
+        default=1.0, metadata={"help": "H_low: the bottom of the width formula's entropy scale."}
+    )
     branch_confidence: float = field(default=1.2, metadata={"help": "tau_branch: fork only when C^G is at most this."})
-    entropy_jump: float = field(default=0.2, metadata={"help": "delta: fork only when the entropy jump is at least this."})
+    entropy_jump: float = field(
+        default=0.2, metadata={"help": "delta: fork only when the entropy jump is at least this."}
+    )
     width_alpha: float = field(default=2.0, metadata={"help": "alpha: entropy weight of the fork width."})
     width_beta: float = field(default=1.0, metadata={"help": "beta: confidence weight of the fork width."})
     min_width: int = field(default=1, metadata={"help": "B_min (the sampled token included)."})
     max_width: int = field(default=4, metadata={"help": "B_max (the sampled token included)."})
     prune_confidence: float = field(default=0.4, metadata={"help": "tau_prune: prune when min C^G falls below this."})
-    tail_confidence: float = field(default=1.0, metadata={"help": "tau_tail: prune on a falling C^tail at or below this."})
+    tail_confidence: float = field(
+        default=1.0, metadata={"help": "tau_tail: prune on a falling C^tail at or below this."}
+    )
     prune_entropy_jump: float = field(default=0.5, metadata={"help": "Prune on rising entropy when dH exceeds this."})
     prune_run: int = field(default=3, metadata={"help": "Consecutive steps of falling C^tail or rising H that prune."})
     group_window: int = field(default=4, metadata={"help": "W_G: steps in the group confidence."})
@@ -122,8 +136,8 @@ class Branch:
             id=new_id, question=self.question, parent=self.id, fork_position=position, origin="tree", depth=self.depth,
             token_ids=[*self.token_ids[:-1], token], logprobs=[*self.logprobs[:-1], logprob],
             entropies=list(self.entropies), confidences=list(self.confidences),
-            min_group_confidence=self.min_group_confidence, tail_falls=self.tail_falls, entropy_rises=self.entropy_rises,
-            root=self.root, path_weight=path_weight,
+            min_group_confidence=self.min_group_confidence, tail_falls=self.tail_falls,
+            entropy_rises=self.entropy_rises, root=self.root, path_weight=path_weight,
         )
 
 
@@ -190,7 +204,8 @@ class TreeBuilder:
             branch.state = "finished"
             if branch.origin == "tree":
                 stats.tree_leaves += 1
-        elif branch.origin == "tree" and config.pruning and t >= config.min_depth and self._hopeless(branch, tail, jump):
+        elif (branch.origin == "tree" and config.pruning and t >= config.min_depth
+                and self._hopeless(branch, tail, jump)):
             stop = "pruned"
             branch.state = "pruned"
             stats.pruned += 1
@@ -203,7 +218,8 @@ class TreeBuilder:
         room = self.n_leaves - self.live[branch.question]
         if (branch.origin == "tree" and config.branching and stop != "pruned" and room > 0 and t >= config.min_depth
                 and len(branch.token_ids) < self.max_new_tokens and branch.depth < config.max_depth
-                and entropy >= config.entropy_high and group <= config.branch_confidence and jump >= config.entropy_jump):
+                and entropy >= config.entropy_high and group <= config.branch_confidence
+                and jump >= config.entropy_jump):
             width = self.width(entropy, group)
             chosen = [(tok, lp) for tok, lp in alternatives if tok != token][: min(width - 1, room)]
             if chosen:
@@ -239,7 +255,8 @@ class TreeBuilder:
     def spawn_fills(self, active: list[Branch]) -> list[Branch]:
         """Fill branches for the questions whose tree can grow no more leaves (none of their active branches may
         still fork): their shortfall is certain now, so the fills start at once (a later prune adds another)."""
-        growing = {b.question for b in active if b.origin == "tree" and self.config.branching and b.depth < self.config.max_depth}
+        growing = {b.question for b in active
+                   if b.origin == "tree" and self.config.branching and b.depth < self.config.max_depth}
         fills = []
         for question, live in enumerate(self.live):
             if question not in growing:

@@ -1,7 +1,9 @@
 """Training stages: a TRL config class, a TRL trainer class, and the datasets the stage trains on.
 
 Each method is one registry line below, pointing at a `StageSpec` in `trainers/<method>.py`. A recipe stage's
-`args` are validated against `config_class`, so every option of the TRL config works in a recipe.
+`args` are validated against `config_class`, so every option of the TRL config works in a recipe. A stage trains
+either on its task's rows of one kind (`task_rows`: the `sft` stage asks `llmrec.tasks` for "sft" rows, whatever
+the task) or on rows it builds from the data section it declares in `recipe_needs` (CTR, preference, RL stages).
 """
 
 from __future__ import annotations
@@ -9,15 +11,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from llmrec.errors import LLMRecError, did_you_mean
-
-if TYPE_CHECKING:
-    from datasets import Dataset
-
-    from llmrec.data import RecData
-    from llmrec.recipe import Recipe
 
 TRAINERS: dict[str, str] = {
     "sft": "llmrec.trainers.sft:SFT",
@@ -35,8 +31,8 @@ TRAINERS: dict[str, str] = {
 class StageContext:
     """What a stage's dataset builder and trainer arguments may use."""
 
-    recipe: Recipe
-    data: RecData
+    recipe: Any  # llmrec.recipe.Recipe
+    data: Any  # llmrec.data.RecData
     model: Any
     tokenizer: Any
     index: int
@@ -50,7 +46,7 @@ def _no_kwargs(context: StageContext) -> dict:
     return {}
 
 
-def _needs_nothing(recipe: Recipe) -> list[tuple[tuple, str]]:
+def _needs_nothing(recipe) -> list[tuple[tuple, str]]:
     return []
 
 
@@ -58,14 +54,17 @@ def _needs_nothing(recipe: Recipe) -> list[tuple[tuple, str]]:
 class StageSpec:
     config_class: type
     trainer_class: type
-    build_datasets: Callable[[StageContext], tuple[Dataset, Dataset | None]]
+    # (train, eval or None) datasets.Dataset of the stage
+    build_datasets: Callable[[StageContext], tuple[Any, Any]]
     description: str
     # the pydantic section that validates the stage's `data` (None: the stage takes no `data` section)
     data_config: type | None = None
     # llmrec passes the model as built by the adapter; methods that need extra trainer arguments add them here
     trainer_kwargs: Callable[[StageContext], dict] = _no_kwargs
     # (recipe key path, message) for each thing the stage needs elsewhere in the recipe (checked at load time)
-    recipe_needs: Callable[[Recipe], list[tuple[tuple, str]]] = _needs_nothing
+    recipe_needs: Callable[[Any], list[tuple[tuple, str]]] = _needs_nothing
+    # the kind of rows the stage asks the recipe's task for (`Task.rows`); None: it builds its own
+    task_rows: str | None = None
 
 
 def get_stage(name: str, key: str) -> StageSpec:

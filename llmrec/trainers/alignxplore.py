@@ -30,20 +30,14 @@ import torch
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from llmrec.data.behaviours import Behaviour
-from llmrec.data.preference_summaries import (
-    NO_SUMMARY,
-    build_teacher,
-    format_prompt,
-    parse_output,
-    summary_users,
-    synthesise,
-)
+from llmrec.data.preference_summaries import NO_SUMMARY, format_prompt, parse_output, summary_users
 from llmrec.errors import LLMRecError
 from llmrec.eval.judges import JudgeQuestion, build_judge
 from llmrec.files import write_text
 from llmrec.logs import get_logger
 from llmrec.rollout import SamplingConfig, TreeConfig
 from llmrec.rollout.grpo import generation_backend, share_groups
+from llmrec.tasks.preference_summary import build_teacher, synthesise
 
 from . import StageContext, StageSpec
 
@@ -76,7 +70,8 @@ def sft_datasets(context: StageContext):
 
 def _needs_summaries(recipe) -> list[tuple[tuple, str]]:
     if recipe.data.summaries is None:
-        return [(("data", "summaries"), "AlignXplore+ stages need a data.summaries section (behaviours, judge, synthesis).")]
+        return [(("data", "summaries"),
+                 "AlignXplore+ stages need a data.summaries section (behaviours, judge, synthesis).")]
     return []
 
 
@@ -93,11 +88,29 @@ ALIGNXPLORE_SFT = StageSpec(
 
 @dataclass
 class AlignXploreConfig(GRPOConfig):
-    """GRPO's config plus AlignXplore+'s streaming reward coupling."""
+    r"""
+    Configuration of [`AlignXploreTrainer`]: every field of `trl.GRPOConfig`, plus AlignXplore+'s streaming reward
+    coupling.
+
+        > Parameters that control the streaming reward coupling
+
+        streaming (`bool`, *optional*, defaults to `True`):
+            Two-stage rollouts with the long-term utility bonus: per user, n = `num_generations` / 2 stage-1
+            summaries written from part 1, and n stage-2 updates written from part 2 on top of one stage-1 summary
+            drawn at random (`num_generations` must be even). GRPO advantages are normalised within each stage's n
+            outputs. Off: all `num_generations` outputs are stage 1.
+        streaming_lambda (`float`, *optional*, defaults to `0.9`):
+            lambda: weight of the stage-2 mean reward; the drawn stage-1 summary gets + lambda * mean(stage-2
+            rewards).
+        unpicked_scale (`float`, *optional*, defaults to `0.5`):
+            The unpicked stage-1 outputs get this times lambda: + `unpicked_scale` * lambda * mean(stage-2 rewards).
+    """
 
     streaming: bool = field(default=True, metadata={"help": "Two-stage rollouts with the long-term utility bonus."})
     streaming_lambda: float = field(default=0.9, metadata={"help": "lambda: weight of the stage-2 mean reward."})
-    unpicked_scale: float = field(default=0.5, metadata={"help": "The unpicked stage-1 outputs get this times lambda."})
+    unpicked_scale: float = field(
+        default=0.5, metadata={"help": "The unpicked stage-1 outputs get this times lambda."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,7 +124,8 @@ def precomputed_reward(completions, reward, **kwargs) -> list[float]:
     return list(reward)
 
 
-def streaming_rewards(stage1: list[float], stage2: list[float], picked: int, lam: float, unpicked_scale: float) -> list[float]:
+def streaming_rewards(stage1: list[float], stage2: list[float], picked: int, lam: float,
+                      unpicked_scale: float) -> list[float]:
     """Stage-1 rewards plus the long-term utility bonus: lambda * mean(stage 2) for the picked summary, unpicked_scale
     * lambda * mean(stage 2) for the others."""
     bonus = lam * sum(stage2) / len(stage2)
@@ -160,13 +174,15 @@ class AlignXploreTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
         n = group // 2 if args.streaming else group
-        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_completion_length)
+        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
+                                  max_new_tokens=args.max_completion_length)
         flat = TreeConfig(branching=False, pruning=False)
         seed = args.seed * 1_000_003 + self.state.global_step * 7919 + self.accelerator.process_index
         rng = torch.Generator().manual_seed(seed)
 
         def decode(rollout):
-            return self.processing_class.batch_decode([c.token_ids for c in rollout.completions], skip_special_tokens=True)
+            return self.processing_class.batch_decode([c.token_ids for c in rollout.completions],
+                                                      skip_special_tokens=True)
 
         def grow(users):
             prompt_ids, _, _ = self._tokenize_prompts([prompt for _, prompt, _ in users])
@@ -192,7 +208,8 @@ class AlignXploreTrainer(GRPOTrainer):
                     ids2, rollout2 = second[index]
                     rewards2, summaries2 = self._score(decode(rollout2), Behaviour(**json.loads(row["target2"])))
                     stats.update(format2=sum(s is not None for s in summaries2) / n, judge2=sum(rewards2) / n)
-                    rewards = streaming_rewards(rewards, rewards2, picks[index], args.streaming_lambda, args.unpicked_scale)
+                    rewards = streaming_rewards(rewards, rewards2, picks[index], args.streaming_lambda,
+                                                args.unpicked_scale)
                     advantages = group_advantages(rewards) + group_advantages(rewards2)
                     rows += [(ids2, c) for c in rollout2.completions]
                     rewards = rewards + rewards2

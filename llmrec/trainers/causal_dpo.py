@@ -63,21 +63,37 @@ class CausalDPOConfig(SoftmaxDPOConfig):
 
         > Parameters that control the environments
 
-        num_environments (`int`, defaults to `2`): K, the number of environments.
-        environment_mode (`str`, defaults to `"inferred"`): `"inferred"` (soft clustering of the policy's prompt
-            states) or `"known"` (one-hot memberships from `environment_column`).
-        environment_column (`str`, defaults to `"environment"`): the dataset column of the `known` mode.
-        environment_dim (`int`, defaults to `16`): dimension of z = g(h).
-        environment_temperature (`float`, defaults to `1.0`): τ of the soft memberships.
-        environment_init_samples (`int`, defaults to `512`): training prompts used to initialise the centres.
+        num_environments (`int`, *optional*, defaults to `2`):
+            K, the number of environments (at least 1). With K = 1 and `invariance_weight=0.0` this is
+            [`SoftmaxDPOTrainer`] exactly.
+        environment_mode (`str`, *optional*, defaults to `"inferred"`):
+            Where memberships come from: `"inferred"` (soft clustering of the policy's prompt states,
+            p_ik = softmax_k(−‖z_i − c_k‖² / τ)) or `"known"` (one-hot memberships from `environment_column`).
+        environment_column (`str`, *optional*, defaults to `"environment"`):
+            The dataset column of the `"known"` mode.
+        environment_dim (`int`, *optional*, defaults to `16`):
+            Dimension of z = g(h), h the policy's last hidden state at the last prompt token.
+        environment_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature τ of the soft memberships (positive).
+        environment_init_samples (`int`, *optional*, defaults to `512`):
+            Training prompts for the k-means++ start of the centres (followed by a few Lloyd steps).
 
         > Parameters that control the loss
 
-        backdoor_prior (`str`, defaults to `"uniform"`): P(k), `"uniform"` or `"marginal"`.
-        invariance (`str`, defaults to `"mmd"`): `"mmd"`, `"vrex"` or `"none"`.
-        invariance_weight (`float`, defaults to `0.001`): λ.
-        invariance_statistic (`str`, defaults to `"margin"`): `"margin"` (the preference logit) or `"state"` (z).
-        mmd_bandwidth (`float`, *optional*): a fixed RBF σ; `None` uses the median heuristic.
+        backdoor_prior (`str`, *optional*, defaults to `"uniform"`):
+            The environment prior P(k) of the backdoor adjustment L_BA = Σ_k P(k) R_k: `"uniform"` or `"marginal"`
+            (the mean membership over the training set).
+        invariance (`str`, *optional*, defaults to `"mmd"`):
+            The invariance penalty: `"mmd"` (the mean over environment pairs of a weighted MMD² between the
+            membership-weighted distributions of `invariance_statistic`), `"vrex"` (the variance of the environment
+            risks R_k) or `"none"`.
+        invariance_weight (`float`, *optional*, defaults to `0.001`):
+            λ, the weight of the invariance penalty (non-negative): L = L_BA + λ · L_inv.
+        invariance_statistic (`str`, *optional*, defaults to `"margin"`):
+            What the MMD compares: `"margin"` (the preference logit −log Σ_j exp(r_j − r_w)) or `"state"` (z; h in
+            the `"known"` mode).
+        mmd_bandwidth (`float`, *optional*):
+            Fixed RBF σ (positive); `None` (default) uses the median heuristic.
     """
 
     num_environments: int = field(default=2, metadata={"help": "K, the number of environments."})
@@ -91,7 +107,9 @@ class CausalDPOConfig(SoftmaxDPOConfig):
     backdoor_prior: str = field(
         default="uniform", metadata={"help": "The environment prior P(k).", "choices": ["uniform", "marginal"]}
     )
-    invariance: str = field(default="mmd", metadata={"help": "The invariance penalty.", "choices": ["mmd", "vrex", "none"]})
+    invariance: str = field(
+        default="mmd", metadata={"help": "The invariance penalty.", "choices": ["mmd", "vrex", "none"]}
+    )
     invariance_weight: float = field(default=0.001, metadata={"help": "λ, the weight of the invariance penalty."})
     invariance_statistic: str = field(
         default="margin", metadata={"help": "What the MMD compares.", "choices": ["margin", "state"]}
@@ -121,7 +139,8 @@ class EnvironmentHead(nn.Module):
 
     def __init__(self, hidden_size: int, dim: int, num_environments: int, temperature: float):
         super().__init__()
-        self.config = {"hidden_size": hidden_size, "dim": dim, "num_environments": num_environments, "temperature": temperature}
+        self.config = {"hidden_size": hidden_size, "dim": dim, "num_environments": num_environments,
+                       "temperature": temperature}
         self.projection = nn.Linear(hidden_size, dim)
         self.centres = nn.Parameter(torch.zeros(num_environments, dim))
         self.membership_sum = torch.zeros(num_environments, dtype=torch.float64)
@@ -192,7 +211,8 @@ def weighted_mmd2(statistics: torch.Tensor, weights_a: torch.Tensor, weights_b: 
     """MMD² between two weightings of the same samples under an RBF kernel: (a − b)ᵀ K (a − b)."""
     if statistics.dim() == 1:
         statistics = statistics.unsqueeze(-1)
-    squared = ((statistics.unsqueeze(1) - statistics.unsqueeze(0)) ** 2).sum(-1)  # not cdist: its sqrt has no gradient at 0
+    # not cdist: its sqrt has no gradient at 0
+    squared = ((statistics.unsqueeze(1) - statistics.unsqueeze(0)) ** 2).sum(-1)
     if bandwidth is None:
         off_diagonal = squared[~torch.eye(len(squared), dtype=torch.bool, device=squared.device)]
         sigma2 = off_diagonal.median().detach().clamp_min(1e-6) if off_diagonal.numel() else squared.new_tensor(1.0)
@@ -282,7 +302,8 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
         states = []
         was_training = model.training
         model.eval()
-        for start in tqdm(range(0, len(prompts), batch_size), desc="Initialising environments", disable=not self.is_world_process_zero()):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="Initialising environments",
+                          disable=not self.is_world_process_zero()):
             batch = prompts[start : start + batch_size]
             width = max(map(len, batch))
             ids = torch.full((len(batch), width), self._tokenizer.pad_token_id, dtype=torch.long)
@@ -357,7 +378,8 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
             statistic = states if self.known else self.environment_head.embed(states)
         pairs = [(a, b) for i, a in enumerate(environments) for b in environments[i + 1 :]]
         values = [
-            weighted_mmd2(statistic.float(), memberships[:, a].float(), memberships[:, b].float(), self.args.mmd_bandwidth)
+            weighted_mmd2(statistic.float(), memberships[:, a].float(), memberships[:, b].float(),
+                          self.args.mmd_bandwidth)
             for a, b in pairs
         ]
         return torch.stack(values).mean()
@@ -376,7 +398,8 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         # Restore the head before transformers restores the rest: its own loader (and DeepSpeed's) knows only the
         # adapter and the optimizer, not the head's weights nor its running marginal.
-        checkpoint = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
+                      else resume_from_checkpoint)
         if checkpoint and (Path(checkpoint) / HEAD_WEIGHTS).is_file():
             self.environment_head.load(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)

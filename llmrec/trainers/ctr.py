@@ -1,7 +1,7 @@
 """CTR: train a model to answer "will the user like this item?" with Yes or No (TALLRec / CoLLM / CoRA's task).
 
 The loss is the cross-entropy of the two-way softmax over the Yes and No answer tokens' logits at the answer
-position — the same quantity the evaluator scores (`llmrec.eval.ctr`), so training and evaluation agree. One loop
+position — the same quantity the evaluator scores (`llmrec.tasks.ctr`), so training and evaluation agree. One loop
 serves every adapter: text-only LoRA (the TALLRec baseline), full fine-tuning, and CoRA, whose model also takes
 the CF rows of each row's user and item (the collator adds them through the model's `cf_index`).
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
+from llmrec.answers import AnswerCollator, answer_logits, answer_token_ids, tokenize_prompts
 from llmrec.data.ctr import ctr_examples
-from llmrec.eval.answers import AnswerCollator, answer_logits, answer_token_ids, tokenize_prompts
 from llmrec.eval.metrics import auc
 
 from . import StageContext, StageSpec
@@ -25,10 +25,23 @@ from . import StageContext, StageSpec
 
 @dataclass
 class CTRConfig(TrainingArguments):
-    """`stages[i].args` of `trainer: ctr`: every `transformers.TrainingArguments` field, plus:"""
+    r"""
+    Configuration of [`CTRTrainer`], the `stages[i].args` of `trainer: ctr`: every field of
+    `transformers.TrainingArguments`, plus:
+
+        > Parameters that control the data preprocessing
+
+        max_length (`int` or `None`, *optional*, defaults to `512`):
+            Longest prompt in tokens; a longer prompt keeps its end (the question and the latest history). `None`
+            keeps every prompt whole.
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            Overrides the `True` default of `TrainingArguments`: kept `False`, since the collator needs the `user_id`
+            and `item_id` columns for CoRA.
+    """
 
     max_length: int | None = field(
-        default=512, metadata={"help": "Longest prompt in tokens; longer ones keep their end (question, latest history)."}
+        default=512,
+        metadata={"help": "Longest prompt in tokens; longer ones keep their end (question, latest history)."},
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator needs user_id and item_id for CoRA."}
@@ -43,10 +56,13 @@ class CTRTrainer(Trainer):
         self.answer_ids = answer_token_ids(processing_class, answers, "data.ctr.yes_answer")
         tokenize = lambda rows: {"input_ids": tokenize_prompts(processing_class, rows["prompt"], args.max_length)}  # noqa: E731
         columns = ["input_ids", "label", "user_id", "item_id"]
-        train_dataset = train_dataset.map(tokenize, batched=True).select_columns(columns) if train_dataset is not None else None
-        eval_dataset = eval_dataset.map(tokenize, batched=True).select_columns(columns) if eval_dataset is not None else None
+        train_dataset = (train_dataset.map(tokenize, batched=True).select_columns(columns)
+                         if train_dataset is not None else None)
+        eval_dataset = (eval_dataset.map(tokenize, batched=True).select_columns(columns)
+                        if eval_dataset is not None else None)
         super().__init__(
-            model=model, args=args, data_collator=AnswerCollator(processing_class.pad_token_id, getattr(model, "cf_index", None)),
+            model=model, args=args,
+            data_collator=AnswerCollator(processing_class.pad_token_id, getattr(model, "cf_index", None)),
             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
             compute_metrics=_auc_metric, **kwargs,
         )

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from llmrec.answers import extract_answer, majority_vote
 from llmrec.errors import LLMRecError
-from llmrec.eval.reasoning import extract_answer, majority_vote
 from llmrec.logs import get_logger
 from llmrec.rollout import SamplingConfig, TreeConfig
 from llmrec.rollout.grpo import generation_backend, share_groups
@@ -54,7 +54,67 @@ TREE_FIELDS = {f.name for f in dataclasses.fields(TreeConfig)} - {"branching", "
 
 @dataclass
 class ECHOConfig(GRPOConfig):
-    """GRPO's config plus test-time RL voting, tree rollouts and ECHO's policy-update terms."""
+    r"""
+    Configuration of [`ECHOTrainer`]: every field of `trl.GRPOConfig`, plus test-time RL voting, tree rollouts and
+    ECHO's policy-update terms. With every switch off, flat rollouts and `num_votes` equal to `num_generations`, the
+    loss is GRPO's.
+
+        > Parameters that control test-time RL
+
+        num_votes (`int`, *optional*):
+            Leaves grown per question that vote for the pseudo-label (the majority answer); at least
+            `num_generations`. `None` (default) makes it equal to `num_generations`. With more votes than
+            generations, a seeded random subset of `num_generations` leaves is trained.
+        vote_weighting (`str`, *optional*, defaults to `"uniform"`):
+            `"uniform"`: one vote per leaf (TTRL, the paper); `"path"`: a tree leaf votes in proportion to the
+            probability of the tokens its forks took (our addition; see `llmrec.rollout.types.completions_of`).
+
+        > Parameters that control the rollouts
+
+        tree_rollouts (`bool`, *optional*, defaults to `True`):
+            Grow entropy–confidence trees (`llmrec.rollout.tree`). Off: flat sampling, `num_votes` independent
+            samples per question.
+        online_pruning (`bool`, *optional*, defaults to `True`):
+            Stop hopeless branches while decoding; their budget goes to later forks or fills.
+        tree (`dict[str, Any]`, *optional*, defaults to `{}`):
+            Tree settings: fields of `llmrec.rollout.TreeConfig` other than `branching` and `pruning` (which
+            `tree_rollouts` and `online_pruning` set).
+        vllm_chunk_tokens (`int`, *optional*, defaults to `32`):
+            vLLM backend: tokens per continuation request.
+
+        > Parameters that control the hybrid token-level advantage
+
+        hybrid_advantage (`bool`, *optional*, defaults to `True`):
+            Use A_{i,t} = A_i (1 + a S_{i,t}) instead of GRPO's A_i, with the exploration score
+            S = clip(alpha z(H) + beta z(1 - C), -s_max, s_max): z whitens over every valid completion token of the
+            batch on all processes, H and C are the rollout's token entropies and confidences.
+        hybrid_scale (`float`, *optional*, defaults to `0.1`):
+            a: weight of the exploration score.
+        exploration_entropy_weight (`float`, *optional*, defaults to `1.0`):
+            alpha: weight of z(H).
+        exploration_confidence_weight (`float`, *optional*, defaults to `1.0`):
+            beta: weight of z(1 - C).
+        exploration_clip (`float`, *optional*, defaults to `2.0`):
+            s_max: the exploration score is clipped to ±s_max.
+
+        > Parameters that control the confidence-adaptive clipping
+
+        adaptive_clip (`bool`, *optional*, defaults to `True`):
+            Per-sequence symmetric clip radius from the tail confidence, in place of GRPO's `epsilon` and
+            `epsilon_high`: eps(o) = eps_min + (eps_max - eps_min) sigmoid(kappa (c0 - C_tail(o))). Clipping only
+            acts when a batch is reused (`num_iterations` > 1 or more generation steps than accumulation steps).
+        epsilon_min (`float`, *optional*, defaults to `0.05`):
+            eps_min of the adaptive clip radius (0 <= `epsilon_min` <= `epsilon_max`).
+        epsilon_max (`float`, *optional*, defaults to `0.2`):
+            eps_max of the adaptive clip radius.
+        clip_sharpness (`float`, *optional*, defaults to `4.0`):
+            kappa of the adaptive clip radius.
+        clip_confidence_center (`float`, *optional*, defaults to `1.0`):
+            c0: the radius is half-way between eps_min and eps_max at C_tail = c0. llmrec's confidence (-mean log p
+            of the top-k tokens) is at least log k, so the paper's c0 = 1 keeps the radius close to eps_min.
+        clip_tail_tokens (`int`, *optional*, defaults to `16`):
+            C_tail averages the confidence of the last this many completion tokens (at least 1).
+    """
 
     # > Test-time RL
     num_votes: int | None = field(
@@ -79,7 +139,9 @@ class ECHOConfig(GRPOConfig):
     hybrid_scale: float = field(default=0.1, metadata={"help": "a: weight of the exploration score."})
     exploration_entropy_weight: float = field(default=1.0, metadata={"help": "alpha: weight of z(H)."})
     exploration_confidence_weight: float = field(default=1.0, metadata={"help": "beta: weight of z(1 - C)."})
-    exploration_clip: float = field(default=2.0, metadata={"help": "s_max: the exploration score is clipped to ±s_max."})
+    exploration_clip: float = field(
+        default=2.0, metadata={"help": "s_max: the exploration score is clipped to ±s_max."}
+    )
     # > Confidence-adaptive clipping
     adaptive_clip: bool = field(default=True, metadata={"help": "Per-sequence clip radius from the tail confidence."})
     epsilon_min: float = field(default=0.05, metadata={"help": "eps_min of the adaptive clip radius."})
@@ -153,7 +215,8 @@ class ECHOTrainer(GRPOTrainer):
         args = self.args
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_completion_length)
+        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
+                                  max_new_tokens=args.max_completion_length)
         seed = args.seed * 1_000_003 + self.state.global_step * 7919 + self.accelerator.process_index
 
         def grow(questions):
@@ -163,7 +226,8 @@ class ECHOTrainer(GRPOTrainer):
             rng = torch.Generator().manual_seed(seed)
             records = []
             for (q, _, answer), ids, rollout in zip(questions, prompt_ids, rollouts):
-                texts = self.processing_class.batch_decode([c.token_ids for c in rollout.completions], skip_special_tokens=True)
+                texts = self.processing_class.batch_decode([c.token_ids for c in rollout.completions],
+                                                           skip_special_tokens=True)
                 weights = [c.vote_weight for c in rollout.completions] if args.vote_weighting == "path" else None
                 label, votes = majority_vote([extract_answer(t) for t in texts], weights)
                 keep = (sorted(torch.randperm(len(rollout.completions), generator=rng)[:group].tolist())
@@ -196,14 +260,16 @@ class ECHOTrainer(GRPOTrainer):
         metrics["rollout/decoded_tokens_per_question"].append(sum(s["decoded_tokens"] for s in stats) / n)
         metrics["rollout/forks_per_question"].append(sum(s["forks"] for s in stats) / n)
         metrics["rollout/branches_per_question"].append(sum(s["branches"] for s in stats) / n)
-        metrics["rollout/pruned_fraction"].append(sum(s["pruned"] for s in stats) / max(1, sum(s["branches"] + roots for s in stats)))
+        metrics["rollout/pruned_fraction"].append(sum(s["pruned"] for s in stats)
+                                                  / max(1, sum(s["branches"] + roots for s in stats)))
         metrics["rollout/effective_leaves"].append(sum(s["tree_leaves"] for s in stats) / n)
         metrics["rollout/fills_per_question"].append(sum(s["fills"] for s in stats) / n)
         metrics["ttrl/majority_share"].append(sum(s["votes"] for s in stats) / n)
         known = [s["agreement"] for s in stats if s["agreement"] is not None]
         if known:
             metrics["ttrl/label_agreement"].append(sum(known) / len(known))
-        if self.args.tree_rollouts and sum(s["forks"] for s in stats) == 0 and not getattr(self, "_warned_no_fork", False):
+        if (self.args.tree_rollouts and sum(s["forks"] for s in stats) == 0
+                and not getattr(self, "_warned_no_fork", False)):
             self._warned_no_fork = True
             logger.warning("Tree rollouts created no branch in this batch: no token met the fork thresholds (see "
                            "llmrec.rollout.tree; the paper's defaults suit 7B models, calibrate `tree` for yours).")

@@ -32,7 +32,8 @@ def _model_ranker(context: StageContext):
     trie = build_trie(context.tokenizer, context.data, context.recipe.data.task)
 
     def rank(prompts, excluded, k):
-        ranked = rank_with_model(context.model, context.tokenizer, trie, prompts, excluded, k, context.recipe.eval.batch_size)
+        ranked = rank_with_model(context.model, context.tokenizer, trie, prompts, excluded, k,
+                                 context.recipe.eval.batch_size)
         return [[item for item, _ in row] for row in ranked]
 
     return rank

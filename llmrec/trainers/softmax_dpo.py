@@ -57,13 +57,15 @@ class SoftmaxDPOConfig(DPOConfig):
 
     logratio_clamp: float | None = field(
         default=None,
-        metadata={"help": "Clamp log-ratios to [-c, c] before the loss; None leaves them unclamped (TRL's behaviour)."},
+        metadata={"help": "Clamp log-ratios to [-c, c] before the loss; None leaves them unclamped "
+                  "(TRL's behaviour)."},
     )
 
     def __post_init__(self):
         super().__post_init__()
         if self.loss_type != ["sigmoid"]:
-            raise ValueError(f"softmax DPO generalises the sigmoid loss only; loss_type={self.loss_type} is not supported")
+            raise ValueError(f"softmax DPO generalises the sigmoid loss only; loss_type={self.loss_type} is not "
+                             "supported")
         if self.f_divergence_type != "reverse_kl" or self.ld_alpha is not None or self.use_weighting:
             raise ValueError("softmax DPO supports neither f_divergence_type, ld_alpha nor use_weighting")
         if self.precompute_ref_log_probs:
@@ -138,7 +140,8 @@ class SoftmaxDPOTrainer(DPOTrainer):
 
     # --- data -----------------------------------------------------------------------------------------------
 
-    def _prepare_dataset(self, dataset: Dataset, processing_class, args: SoftmaxDPOConfig, dataset_name: str) -> Dataset:
+    def _prepare_dataset(self, dataset: Dataset, processing_class, args: SoftmaxDPOConfig,
+                         dataset_name: str) -> Dataset:
         if "prompt_ids" in dataset.column_names:
             return dataset
         check_preference_rows(dataset, dataset_name)
@@ -159,7 +162,8 @@ class SoftmaxDPOTrainer(DPOTrainer):
 
         dataset = dataset.map(tokenize, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name} dataset")
         if args.max_length is not None:
-            dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length, desc=f"Dropping truncated {dataset_name} rows")
+            dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length,
+                                     desc=f"Dropping truncated {dataset_name} rows")
         return dataset
 
     def _set_signature_columns_if_needed(self):
@@ -200,7 +204,8 @@ class SoftmaxDPOTrainer(DPOTrainer):
         counts = inputs["negatives_per_row"]
         rows = counts.numel()
         owner = torch.repeat_interleave(torch.arange(rows, device=counts.device), counts)
-        slot = torch.arange(owner.numel(), device=counts.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        slot = (torch.arange(owner.numel(), device=counts.device)
+                - torch.repeat_interleave(counts.cumsum(0) - counts, counts))
         chosen, negatives = logratios[:rows], logratios[rows:]
         # β (r(y_j) − r(y_w)) per (row, negative); absent negatives stay −inf so they drop out of the log-sum-exp
         gaps = torch.full((rows, int(counts.max())), float("-inf"), dtype=logratios.dtype, device=logratios.device)
@@ -240,7 +245,8 @@ class SoftmaxDPOTrainer(DPOTrainer):
         ].to(chosen_rewards.dtype)
         self._metrics[mode]["rewards/chosen"].append(gather(chosen_rewards).mean().item())
         self._metrics[mode]["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        self._metrics[mode]["rewards/accuracies"].append(gather((chosen_rewards[owner] > rejected_rewards).float()).mean().item())
+        self._metrics[mode]["rewards/accuracies"].append(
+            gather((chosen_rewards[owner] > rejected_rewards).float()).mean().item())
         self._metrics[mode]["rewards/margins"].append(gather(chosen_rewards - mean_rejected).mean().item())
         self._metrics[mode]["logps/chosen"].append(gather(policy.logps[:rows].detach()).mean().item())
         self._metrics[mode]["logps/rejected"].append(gather(policy.logps[rows:].detach()).mean().item())
@@ -263,9 +269,11 @@ def check_preference_rows(dataset: Dataset, name: str) -> None:
             )
     for index, (chosen, rejected) in enumerate(zip(dataset["chosen"], dataset["rejected"])):
         if isinstance(rejected, str):
-            raise LLMRecError(f"row {index}: 'rejected' must be a list of negatives, got one string.", f"{name} dataset")
+            raise LLMRecError(f"row {index}: 'rejected' must be a list of negatives, got one string.",
+                              f"{name} dataset")
         if not rejected:
-            raise LLMRecError(f"row {index}: 'rejected' is empty; every row needs at least one negative.", f"{name} dataset")
+            raise LLMRecError(f"row {index}: 'rejected' is empty; every row needs at least one negative.",
+                              f"{name} dataset")
         if chosen in rejected:
             raise LLMRecError(
                 f"row {index}: the chosen item {chosen!r} is also among its rejected items.", f"{name} dataset"

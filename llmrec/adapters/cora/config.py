@@ -5,11 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-# Module-name presets for `target_modules` (the names of Llama/Qwen2/Mistral decoder projections).
-TARGET_PRESETS = {
-    "qv": ["q_proj", "v_proj"],
-    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
+from ..targets import TARGET_PRESETS
 
 
 @dataclass
@@ -45,7 +41,9 @@ class CoRAConfig:
     query_dim: int = field(default=64, metadata={"help": "Width d_q of the queries and conditioning tokens."})
     num_blocks: int = field(default=2, metadata={"help": "Generator blocks (self-attention, cross-attention, MLP)."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads in the generator blocks."})
-    normalize_queries: bool = field(default=True, metadata={"help": "L2-normalise generator outputs before the heads."})
+    normalize_queries: bool = field(
+        default=True, metadata={"help": "L2-normalise generator outputs before the heads."}
+    )
 
     # --- conditioning ----------------------------------------------------------------------------------------------
     conditioning: Literal["user_item", "user"] = field(
@@ -55,11 +53,14 @@ class CoRAConfig:
     )
     cold_start: Literal["error", "zero", "mean"] = field(
         default="error",
-        metadata={"help": "A user or item the CF model has no embedding for: 'error', or use a zero / mean embedding."},
+        metadata={"help": "A user or item the CF model has no embedding for: 'error', or use a zero / mean "
+                  "embedding."},
     )
 
     # --- the frozen CF model ---------------------------------------------------------------------------------------
-    cf_model: Literal["mf", "lightgcn"] = field(default="mf", metadata={"help": "Matrix factorisation or LightGCN (BPR)."})
+    cf_model: Literal["mf", "lightgcn"] = field(
+        default="mf", metadata={"help": "Matrix factorisation or LightGCN (BPR)."}
+    )
     cf_dim: int = field(default=64, metadata={"help": "CF embedding size."})
     cf_num_layers: int = field(default=2, metadata={"help": "LightGCN propagation layers."})
     cf_epochs: int = field(default=100, metadata={"help": "Most CF training epochs (early stopping on valid AUC)."})

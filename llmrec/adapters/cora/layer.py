@@ -47,7 +47,8 @@ class CoRALinear(nn.Module):
         out = self.base_layer(x)
         A = self.lora_A
         if A is None:
-            raise RuntimeError("a CoRA layer ran without generated weights; call the CoRA model with cf_users (and cf_items)")
+            raise RuntimeError("a CoRA layer ran without generated weights; call the CoRA model with cf_users "
+                               "(and cf_items)")
         if A.shape[0] != x.shape[0]:
             raise RuntimeError(f"generated weights for {A.shape[0]} samples, but the batch has {x.shape[0]}")
         dtype = torch.float32 if self.fp32_delta else x.dtype
@@ -97,10 +98,12 @@ class QueryGenerator(nn.Module):
         self.widths = widths
         bound = 1 / math.sqrt(query_dim)  # nn.Linear's default init, per stacked head
         self.head_weights = nn.ParameterList(
-            nn.Parameter(torch.empty(len(group), query_dim, r * w).uniform_(-bound, bound)) for group, w in zip(self.groups, widths)
+            nn.Parameter(torch.empty(len(group), query_dim, r * w).uniform_(-bound, bound))
+            for group, w in zip(self.groups, widths)
         )
         self.head_biases = nn.ParameterList(
-            nn.Parameter(torch.empty(len(group), r * w).uniform_(-bound, bound)) for group, w in zip(self.groups, widths)
+            nn.Parameter(torch.empty(len(group), r * w).uniform_(-bound, bound))
+            for group, w in zip(self.groups, widths)
         )
         self.num_targets = len(in_features)
 

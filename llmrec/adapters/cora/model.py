@@ -32,46 +32,12 @@ from llmrec.errors import LLMRecError
 from llmrec.files import atomic_save_file
 from llmrec.logs import get_logger
 
+from ..targets import replace_targets
 from ..wrapper import WEIGHTS_NAME, FrozenModelWrapper
-from .config import TARGET_PRESETS, CoRAConfig
+from .config import CoRAConfig
 from .layer import CoRALinear, QueryGenerator
 
 logger = get_logger(__name__)
-
-
-
-def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
-    """Dotted names of the linear layers CoRA wraps (the output head is never one)."""
-    head = model.get_output_embeddings()
-    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
-    if target_modules == "all-linear":
-        return [name for name, _ in linears]
-    wanted = TARGET_PRESETS.get(target_modules, target_modules) if isinstance(target_modules, str) else target_modules
-    found = [name for name, _ in linears if name.rsplit(".", 1)[-1] in wanted]
-    missing = [w for w in wanted if not any(name.rsplit(".", 1)[-1] == w for name in found)]
-    if missing:
-        names = sorted({name.rsplit(".", 1)[-1] for name, _ in linears})
-        raise LLMRecError(
-            f"no linear layer is named {missing[0]!r} in this model; its linear layers are named {', '.join(names)}.",
-            "adapter.args.target_modules",
-        )
-    return found
-
-
-def replace_targets(model: nn.Module, target_modules: str | list[str], make_layer) -> tuple[list[str], list[nn.Module]]:
-    """Freeze `model` and put `make_layer(linear)` in place of each target linear layer, on that layer's device:
-    (the targets' dotted names, the new layers)."""
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    names, layers = find_targets(model, target_modules), []
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        layer = make_layer(linear).to(linear.weight.device)
-        setattr(parent, child, layer)
-        layers.append(layer)
-    return names, layers
 
 
 class CoRAModel(FrozenModelWrapper):
@@ -101,7 +67,8 @@ class CoRAModel(FrozenModelWrapper):
 
     def _with_fallback(self, table: torch.Tensor) -> torch.Tensor:
         table = table.float()
-        fallback = table.mean(0, keepdim=True) if self.cora_config.cold_start == "mean" else torch.zeros_like(table[:1])
+        fallback = (table.mean(0, keepdim=True) if self.cora_config.cold_start == "mean"
+                    else torch.zeros_like(table[:1]))
         return torch.cat([table, fallback]).to(self.base_model.get_input_embeddings().weight.device)
 
     # --- conditioning --------------------------------------------------------------------------------------------
@@ -111,7 +78,8 @@ class CoRAModel(FrozenModelWrapper):
         out = {"cf_users": self.rows_of(users, "user")}
         if self.cora_config.conditioning == "user_item":
             if items is None:
-                raise LLMRecError("this CoRA adapter is conditioned on (user, item) pairs; give an item too.", "adapter.args.conditioning")
+                raise LLMRecError("this CoRA adapter is conditioned on (user, item) pairs; give an item too.",
+                                  "adapter.args.conditioning")
             out["cf_items"] = self.rows_of(items, "item")
         return out
 
@@ -206,14 +174,16 @@ class CoRAAdapter:
     def recipe_needs(self, recipe) -> list[tuple[tuple, str]]:
         needs = []
         if recipe.eval.task != "ctr":
-            needs.append((("eval", "task"), "CoRA is trained and evaluated on the Yes/No CTR task; set eval.task: ctr."))
+            needs.append((("eval", "task"),
+                          "CoRA is trained and evaluated on the Yes/No CTR task; set eval.task: ctr."))
         if recipe.data.ctr is None:
             needs.append((("data",), "CoRA needs a data.ctr section (how rated interactions become Yes/No rows)."))
         return needs
 
     def attach(self, model, args: dict, context=None):
         if context is None:
-            raise LLMRecError("CoRA needs the run's data to train its CF model; attach it through a recipe.", "adapter.method")
+            raise LLMRecError("CoRA needs the run's data to train its CF model; attach it through a recipe.",
+                              "adapter.method")
         config = CoRAConfig(**args)
         return CoRAModel(model, config, self.collaborative_model(config, context))
 
@@ -234,7 +204,8 @@ class CoRAAdapter:
             if (folder / "cf_model.safetensors").is_file():
                 logger.info(f"Loading the CF model from {folder}.")
                 return CFModel.load(folder)
-            logger.info(f"Training the CF model ({cf_config.model}, dim {cf_config.dim}) on the training interactions.")
+            logger.info(f"Training the CF model ({cf_config.model}, dim {cf_config.dim}) on the training "
+                        "interactions.")
             try:
                 cf = train_cf(context.data, cf_config, context.recipe.run.seed)
             except LLMRecError as err:  # name the recipe key: the CF settings are CoRA's cf_* arguments

@@ -1,4 +1,5 @@
-"""`EPTConfig`: the fields of `adapter.args` for `adapter.method: ept` (EPT, and DePT with fusion and projection off)."""
+"""`EPTConfig`: the fields of `adapter.args` for `adapter.method: ept` (EPT, and DePT with fusion and projection
+off)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ class EPTConfig:
 
     # --- the short prompt P_s ----------------------------------------------------------------------------------------
     num_virtual_tokens: int = field(
-        default=40, metadata={"help": "m, the prompt's length in tokens (initialised from sampled vocabulary embeddings)."}
+        default=40,
+        metadata={"help": "m, the prompt's length in tokens (initialised from sampled vocabulary embeddings)."},
     )
 
     # --- DePT's position offsets: E(x) + s · (A B)[position] ---------------------------------------------------------
@@ -54,7 +56,8 @@ class EPTConfig:
     # --- learning rates --------------------------------------------------------------------------------------------
     prompt_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the prompt P_s (DePT uses about 3e-1); None: the trainer's learning_rate."},
+        metadata={"help": "Learning rate of the prompt P_s (DePT uses about 3e-1); None: the trainer's "
+                  "learning_rate."},
     )
     low_rank_learning_rate: float | None = field(
         default=None,
@@ -62,7 +65,9 @@ class EPTConfig:
                   "None: the trainer's learning_rate."},
     )
 
-    init_seed: int = field(default=0, metadata={"help": "Seed of the prompt's vocabulary sample and the random inits."})
+    init_seed: int = field(
+        default=0, metadata={"help": "Seed of the prompt's vocabulary sample and the random inits."}
+    )
     task_type: str = field(default="CAUSAL_LM", metadata={"help": "Accepted for symmetry with PEFT configs."})
 
     def __post_init__(self):

@@ -143,7 +143,8 @@ class EPTModel(SoftPromptModel):
         return "prompt" if name == "prompt_embeddings" else "low_rank"
 
     def group_learning_rates(self) -> dict[str, float | None]:
-        return {"prompt": self.prompt_config.prompt_learning_rate, "low_rank": self.prompt_config.low_rank_learning_rate}
+        return {"prompt": self.prompt_config.prompt_learning_rate,
+                "low_rank": self.prompt_config.low_rank_learning_rate}
 
     def export_refusal(self) -> LLMRecError | None:
         if self.offset_A is None:
@@ -151,7 +152,8 @@ class EPTModel(SoftPromptModel):
         return LLMRecError(
             "this EPT adapter adds DePT's position offsets to the token embeddings of the input, which a PEFT "
             "prompt-tuning adapter cannot express (it only prepends a fixed prompt), so a stock export would change "
-            "the model's outputs. Load it with llmrec, or train with adapter.args.offsets: false for a portable prompt.",
+            "the model's outputs. Load it with llmrec, or train with adapter.args.offsets: false for a portable "
+            "prompt.",
             "adapter.args.offsets",
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..cora.config import TARGET_PRESETS
+from ..targets import TARGET_PRESETS
 
 
 @dataclass

@@ -42,11 +42,10 @@ from torch import nn
 
 from llmrec.files import atomic_save_file
 
-from ..cora.model import replace_targets
+from ..targets import replace_targets
 from ..wrapper import WEIGHTS_NAME, FrozenModelWrapper
 from .config import FedLoRAConfig
 from .layer import PARAMETERS, FedLoRALinear
-
 
 
 class FedLoRAModel(FrozenModelWrapper):
@@ -61,8 +60,8 @@ class FedLoRAModel(FrozenModelWrapper):
         self.language_model, self.fedlora_config = language_model, config
         self.target_names, self.fedlora_layers = replace_targets(
             language_model, config.target_modules,
-            lambda linear: FedLoRALinear(linear, config.r, config.scaling, config.lora_dropout, config.init_a_magnitude,
-                                         config.init_b_magnitude, config.eps),
+            lambda linear: FedLoRALinear(linear, config.r, config.scaling, config.lora_dropout,
+                                         config.init_a_magnitude, config.init_b_magnitude, config.eps),
         )
         self.adapter_names = [name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in PARAMETERS]
 
@@ -70,7 +69,8 @@ class FedLoRAModel(FrozenModelWrapper):
 
     @property
     def base_model(self) -> nn.Module:
-        """The frozen model's backbone (hidden states) with the FedLoRA layers in it: what TRL's fused LM head calls."""
+        """The frozen model's backbone (hidden states) with the FedLoRA layers in it: what TRL's fused LM head
+        calls."""
         return self.language_model.base_model
 
     @property

@@ -31,8 +31,8 @@ class LAMPConfig:
             raise ValueError(f"num_virtual_tokens ({self.num_virtual_tokens}) must be divisible by pool_size "
                              f"({self.pool_size}): the pooling takes the prompt in whole windows of pool_size tokens")
         if self.r > self.num_virtual_tokens:
-            raise ValueError(f"r ({self.r}) cannot exceed num_virtual_tokens ({self.num_virtual_tokens}): the SVD of an "
-                             f"l × d prompt has at most min(l, d) singular values")
+            raise ValueError(f"r ({self.r}) cannot exceed num_virtual_tokens ({self.num_virtual_tokens}): the SVD "
+                             f"of an l × d prompt has at most min(l, d) singular values")
 
     @property
     def pooled_length(self) -> int:

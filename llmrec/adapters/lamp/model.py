@@ -39,8 +39,9 @@ class LAMPModel(SoftPromptModel):
         d = self.hidden_size
         if config.r > d:
             raise LLMRecError(
-                f"r ({config.r}) exceeds the model's embedding width d = {d}: the SVD of the {config.num_virtual_tokens} "
-                f"× {d} prompt has at most {min(config.num_virtual_tokens, d)} singular values.",
+                f"r ({config.r}) exceeds the model's embedding width d = {d}: the SVD of the "
+                f"{config.num_virtual_tokens} × {d} prompt has at most {min(config.num_virtual_tokens, d)} singular "
+                "values.",
                 "adapter.args.r",
             )
         generator = torch.Generator().manual_seed(config.init_seed)

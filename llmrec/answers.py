@@ -1,19 +1,95 @@
-"""Scoring by answer words: the logits of a few answer tokens at the answer position (the token after the prompt).
+"""Answers: reading a model's answer, by extraction from generated text or by scoring answer words.
 
-The CTR task (Yes/No, `llmrec.eval.ctr`, `llmrec.trainers.ctr`) and text classification (one label word per class,
-`llmrec.eval.classification`) both read a prompt's answer off the logits of each answer's first token. Prompts are
+Data builders, evaluators, tasks and trainers all use these, so they live here, importing nothing of llmrec but
+its errors.
+
+**Extraction** (reasoning: worked solutions ending in a final answer). `extract_answer` takes, in this order, the
+last `\\boxed{...}` (braces balanced), the number after the last `#### `, or the last number in the text;
+`normalize_answer` strips spaces, `$`, `\\text{...}`, thousands separators, a leading `+` and a trailing `.0`/`.`, so
+"1,000", "$1000$" and "1000.0" agree. `majority_vote` ignores completions without an answer and may weigh the
+votes; ties go to the answer whose first vote came earliest, so the result depends only on the votes in their order.
+
+**Scoring by answer words**: the logits of a few answer tokens at the answer position (the token after the prompt).
+The CTR task (Yes/No) and text classification (one label word per class) both read a prompt's answer off the
+logits of each answer's first token, and so does the transformers preference judge (" A" / " B"). Prompts are
 left-padded with explicit position ids, so the answer position is the last one for every row, a padded row scores
 like the same row alone, and the model computes the logits of that one position only (`logits_to_keep=1`).
 """
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from llmrec.errors import LLMRecError
+
+# --- extraction from generated text ---------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def normalize_answer(text: str) -> str:
+    text = text.strip()
+    text = re.sub(r"\\text\{([^}]*)\}", r"\1", text)
+    text = text.replace("$", "").replace(" ", "").replace("\\!", "").rstrip(".")
+    if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", text):
+        text = text.replace(",", "")
+    text = text.removeprefix("+")
+    if re.fullmatch(r"-?\d+\.0+", text):
+        text = text.split(".")[0]
+    if text == "-0":
+        text = "0"
+    return text
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a solution, normalised; None when there is none."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return normalize_answer(boxed) or None
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1]
+        match = _NUMBER.search(tail)
+        if match:
+            return normalize_answer(match.group())
+    numbers = _NUMBER.findall(text)
+    return normalize_answer(numbers[-1]) if numbers else None
+
+
+def majority_vote(answers: list[str | None], weights: list[float] | None = None) -> tuple[str | None, float]:
+    """(the answer with the most votes, its votes); each answer votes `weights[i]` (default 1); None answers do not
+    vote; ties go to the earliest first vote."""
+    counts: dict[str, float] = defaultdict(float)
+    for answer, weight in zip(answers, weights or [1] * len(answers)):
+        if answer is not None:
+            counts[answer] += weight
+    if not counts:
+        return None, 0
+    first = {}
+    for index, answer in enumerate(answers):
+        if answer is not None:
+            first.setdefault(answer, index)
+    winner = max(counts, key=lambda a: (counts[a], -first[a]))
+    return winner, counts[winner]
+
+
+# --- scoring by answer words ------------------------------------------------------------------------------------
 
 
 def answer_token_ids(tokenizer, answers: Sequence[str], key: str) -> tuple[int, ...]:
@@ -87,7 +163,8 @@ def length_batches(lengths: Sequence[int], batch_size: int, same_length: bool = 
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     for index in order:
-        if batches and len(batches[-1]) < batch_size and not (same_length and lengths[batches[-1][0]] != lengths[index]):
+        if (batches and len(batches[-1]) < batch_size
+                and not (same_length and lengths[batches[-1][0]] != lengths[index])):
             batches[-1].append(index)
         else:
             batches.append([index])
@@ -110,7 +187,8 @@ def prompt_answer_logits(model, tokenizer, rows, batch_size: int, answer_ids: Se
     model.eval()
     out = torch.empty(len(ids), len(answer_ids))
     for chunk in tqdm(length_batches([len(row) for row in ids], batch_size, unpadded), desc=description, leave=False):
-        batch = collate([{"input_ids": ids[i], "label": labels[i], **{k: v[i] for k, v in extra.items()}} for i in chunk])
+        batch = collate([{"input_ids": ids[i], "label": labels[i], **{k: v[i] for k, v in extra.items()}}
+                         for i in chunk])
         if unpadded:
             del batch["position_ids"]  # all zero padding: the model's own positions are the same
         out[chunk] = answer_logits(model, {k: v.to(device) for k, v in batch.items()}, answer_ids).cpu()

@@ -1,0 +1,139 @@
+"""The run directory: its layout, its state, and reloading a finished run.
+
+```
+<output_dir>/<name>/
+  recipe.yaml        the resolved recipe (what `llmrec recipe show` prints)
+  status.json        running / failed (with the error) / complete
+  base/              tiny models only: the generated base model and its tokenizer
+  checkpoints/
+    stage0-sft/
+      checkpoint-50/ transformers Trainer checkpoints; only those with llmrec_commit.json are complete
+      result/        the model at the end of the stage (adapter or full weights) + llmrec_stage.json
+  final/             the trained adapter (or model) and tokenizer: what eval, recommend and export load
+  predictions/       the evaluated examples of every split (JSON Lines)
+  metrics.json       written last; its presence with status "complete" means the run finished
+  curves.png         training loss and evaluation metrics against the baselines
+  README.md          the model card
+```
+
+`llmrec train` (`llmrec.run`) and `llmrec federate` (`llmrec.federated.run`) write it; `eval`, `recommend` and
+`export` read it through `load_trained`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmrec.errors import LLMRecError
+from llmrec.files import read_json, write_json
+
+COMMIT_MARKER = "llmrec_commit.json"
+RESULT_MARKER = "llmrec_stage.json"
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.recipe_file = self.path / "recipe.yaml"
+        self.status_file = self.path / "status.json"
+        self.metrics_file = self.path / "metrics.json"
+        self.base = self.path / "base"
+        self.checkpoints = self.path / "checkpoints"
+        self.final = self.path / "final"
+        self.predictions = self.path / "predictions"
+        self.curves = self.path / "curves.png"
+        self.card = self.path / "README.md"
+
+    def status(self) -> dict:
+        return read_json(self.status_file) if self.status_file.is_file() else {}
+
+    def is_complete(self) -> bool:
+        return self.status().get("state") == "complete" and self.metrics_file.is_file()
+
+    def stage_dir(self, recipe, index: int) -> Path:
+        return self.checkpoints / recipe.stage_label(index)
+
+    def stage_result(self, recipe, index: int) -> Path:
+        return self.stage_dir(recipe, index) / "result"
+
+    def stage_done(self, recipe, index: int) -> bool:
+        return (self.stage_result(recipe, index) / RESULT_MARKER).is_file()
+
+    def set_status(self, state: str, **extra: Any) -> None:
+        write_json(self.status_file, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
+
+    def metrics(self) -> dict:
+        return read_json(self.metrics_file) if self.metrics_file.is_file() else {}
+
+
+def check_same_recipe(run: RunDir, recipe) -> None:
+    """Refuse to resume a run directory that holds a run of a different recipe."""
+    from llmrec.recipe import load_recipe
+
+    # The stored recipe goes through today's schema too, so a field added to llmrec since (with its default) is
+    # not a difference.
+    stored = yaml.safe_load(load_recipe(run.recipe_file, instantiate=False).to_yaml())
+    current = yaml.safe_load(recipe.to_yaml())
+    if stored != current:
+        differences = sorted(_differences(stored, current))
+        raise LLMRecError(
+            f"the run directory holds a run of a different recipe (differences at {', '.join(differences[:8])}). "
+            "Resume it with the same recipe and overrides, pick another run.name, or pass --overwrite to start over.",
+            str(run.path),
+        )
+
+
+_ABSENT = object()
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{where}.{key}" if where else str(key))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}.{i}")]
+    return [] if a == b else [where or "(top level)"]
+
+
+def process_state():
+    """accelerate's view of this process (CPU-only when there is no GPU)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def load_base_model(recipe, run: RunDir, data, state):
+    """(model, tokenizer) of the recipe's base; a tiny one is built into `run.base` once, by the main process."""
+    from llmrec.models import load_base
+    from llmrec.tasks import tokenizer_texts
+
+    with state.main_process_first():
+        return load_base(recipe.model, run.base, tokenizer_texts(recipe, data), recipe.run.seed, state.is_main_process)
+
+
+def load_trained(run_dir: str | Path):
+    """(recipe, data, model, tokenizer, run) of a finished run, reloaded from its run directory."""
+    from llmrec.adapters import get_adapter
+    from llmrec.data import load_data
+    from llmrec.recipe import load_recipe
+
+    run = RunDir(run_dir)
+    if not run.recipe_file.is_file():
+        raise LLMRecError("not a run directory (no recipe.yaml).", str(run.path))
+    if not run.final.is_dir():
+        raise LLMRecError("the run has no final/ model yet; finish training first (rerun `llmrec train`).",
+                          str(run.path))
+    recipe = load_recipe(run.recipe_file, instantiate=False)
+    state = process_state()
+    data = load_data(recipe.data, recipe.run.seed)
+    model, tokenizer = load_base_model(recipe, run, data, state)
+    model = get_adapter(recipe.adapter.method).load(model, run.final, trainable=False)
+    model.to(state.device)
+    return recipe, data, model, tokenizer, run

@@ -1,0 +1,256 @@
+"""Next-item ranking (`eval.task: ranking`, the default): the model writes the title of a user's next item.
+
+Rows: the SFT stage trains on next-item prompt–completion rows (`data.task`: the user's latest titles -> the next
+title); the preference stages build theirs from the same prompts (`llmrec.data.preferences`).
+
+Evaluation ranks the whole catalog for every target of a split by constrained beam search over a trie of the
+tokenised titles (`llmrec.eval.ranking`), so every recommendation is a real item; items the user already has are
+excluded when `eval.exclude_history` (the baselines exclude them too, on the same targets). Metric keys, per split:
+`<split>/hr@K`, `<split>/ndcg@K`, `<split>/over_rec@K` (share of top-K slots taken by the three most recommended
+items) for K in `eval.ks`, `<split>/targets`, `<split>/catalog_items`, `<split>/valid_item_ratio` (greedy,
+unconstrained generations that are exactly a title), and the baselines' `hr@K`, `ndcg@K`, `over_rec@K` under
+`baseline/<popularity|random>/` (test) or `baseline/<name>/<split>/`. The `ood_popularity` targets are a
+popularity-shifted draw of the test targets (`data.shifts`); the other OOD splits are held-out interactions.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from llmrec.eval.keys import SPLIT_NAMES, baseline_prefix, split_prefix, systems
+from llmrec.logs import get_logger
+
+from . import Task, example_text
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Target:
+    user_id: str
+    item_id: str
+    history: list[str]
+    prompt: str
+
+
+class RankingTask(Task):
+    name = "ranking"
+    description = "next-item ranking over the whole catalog (HR@K, NDCG@K) against popularity and random"
+    headline = "targets"
+    card_tag = "recommendation"
+    card_intro = """A next-item recommender trained with llmrec: the model reads a user's recent item titles and
+writes the title of the next item; recommendations are ranked over the whole catalog by constrained beam search, so
+every recommendation is a real item."""
+
+    # --- rows ----------------------------------------------------------------------------------------------------
+
+    def rows(self, data, split: str, kind: str):
+        if kind != "sft":
+            return super().rows(data, split, kind)
+        from llmrec.data import next_item_examples
+
+        return next_item_examples(data, split, self.recipe.data.task)
+
+    def targets(self, data, split: str) -> list[Target]:
+        """The targets of a split; the popularity-shift OOD set is drawn from the test targets here."""
+        from llmrec.data import next_item_examples, ood_split, popularity_shift_sample
+
+        recipe = self.recipe
+        drawn = split == ood_split("popularity")
+        rows = next_item_examples(data, "test" if drawn else split, recipe.data.task)
+        targets = [Target(r["user_id"], r["item_id"], r["history"], r["prompt"]) for r in rows]
+        if drawn:
+            shift = recipe.data.shift("popularity")
+            picked = popularity_shift_sample([t.item_id for t in targets], data.popularity("train"), shift,
+                                             recipe.run.seed)
+            targets = [targets[i] for i in picked]
+        max_targets = recipe.eval.max_targets
+        if max_targets is not None and len(targets) > max_targets:
+            targets = random.Random(recipe.run.seed).sample(targets, max_targets)
+        return targets
+
+    # --- evaluation ----------------------------------------------------------------------------------------------
+
+    def evaluate(self, model, tokenizer, data, split: str) -> tuple[dict, list[dict]]:
+        from llmrec.eval.metrics import ranking_metrics
+        from llmrec.eval.ranking import (
+            build_trie,
+            popularity_order,
+            random_ranking,
+            rank_between_processes,
+            top_k_excluding,
+            valid_item_ratio,
+        )
+
+        config, seed = self.recipe.eval, self.recipe.run.seed
+        targets = self.targets(data, split)
+        trie = build_trie(tokenizer, data, self.recipe.data.task)
+        logger.info(f"Ranking {len(data.titles)} items for {len(targets)} {split} targets ({config.beams} beams).")
+        ranked = rank_between_processes(
+            model, tokenizer, trie, [t.prompt for t in targets],
+            [t.history for t in targets] if config.exclude_history else None, config.beams, config.batch_size,
+        )
+        rankings = [[item for item, _ in row] for row in ranked]
+        wanted = [t.item_id for t in targets]
+        prefix = split_prefix(split)
+        metrics = {prefix + key: value for key, value in ranking_metrics(rankings, wanted, config.ks).items()}
+        metrics[prefix + "targets"] = len(targets)
+        metrics[prefix + "catalog_items"] = len(trie)
+        if config.valid_item_samples:
+            sample = targets[: config.valid_item_samples]
+            metrics[prefix + "valid_item_ratio"] = valid_item_ratio(model, tokenizer, set(data.titles.values()),
+                                                                    [t.prompt for t in sample], trie.depth + 2,
+                                                                    config.batch_size)
+
+        k = max(config.ks)
+        rng = random.Random(seed)
+        items = sorted(data.titles)
+        for name in config.baselines:
+            if name == "popularity":
+                order = popularity_order(data)
+                base = [top_k_excluding(order, t.history if config.exclude_history else [], k) for t in targets]
+            else:
+                base = [random_ranking(items, t.history if config.exclude_history else [], k, rng) for t in targets]
+            for key, value in ranking_metrics(base, wanted, config.ks).items():
+                metrics[baseline_prefix(name, split) + key] = value
+
+        titles = data.titles
+        predictions = [
+            {
+                "user_id": t.user_id,
+                "target": t.item_id,
+                "target_title": titles[t.item_id],
+                "ranked": [{"item_id": item, "title": titles[item], "logprob": round(score, 4)}
+                           for item, score in row],
+            }
+            for t, row in zip(targets, ranked)
+        ]
+        return metrics, predictions
+
+    def recommend(self, model, tokenizer, data, user: str, k: int) -> str:
+        from llmrec.data.tasks import format_prompt
+        from llmrec.errors import LLMRecError, did_you_mean
+        from llmrec.eval.ranking import build_trie, rank_with_model
+
+        recipe = self.recipe
+        sequences = data.user_sequences()
+        if user not in sequences:
+            raise LLMRecError(
+                f"user {user!r} has no interactions in this run's data ({len(sequences)} users, e.g. "
+                f"{', '.join(list(sequences)[:3])}).{did_you_mean(user, sequences)}",
+                "--user",
+            )
+        history = [item for item, _ in sequences[user]]
+        trie = build_trie(tokenizer, data, recipe.data.task)
+        beams = min(k, trie.available(trie.banned_counts(history) if recipe.eval.exclude_history else None))
+        prompt = format_prompt(recipe.data.task, history, data.titles)
+        excluded = [history] if recipe.eval.exclude_history else None
+        ranked = rank_with_model(model, tokenizer, trie, [prompt], excluded, beams, 1, progress=False)[0]
+        titles = data.titles
+        lines = [f"user {user}: {len(history)} interactions; last: {titles[history[-1]]}",
+                 f"{'rank':>4}  {'item_id':<12} {'log-prob':>9}  title"]
+        lines += [f"{rank:>4}  {item:<12} {score:>9.3f}  {titles[item]}"
+                  for rank, (item, score) in enumerate(ranked[:k], 1)]
+        return "\n".join(lines)
+
+    # --- reports -------------------------------------------------------------------------------------------------
+
+    def _columns(self) -> list[str]:
+        ks = sorted(self.recipe.eval.ks)
+        return [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")] + [f"over_rec@{max(ks)}"]
+
+    def _systems(self, split: str) -> list[tuple[str, str]]:
+        baselines = self.recipe.eval.baselines
+        return [("model", split_prefix(split))] + [(name, baseline_prefix(name, split)) for name in baselines]
+
+    def summary(self, metrics: dict, splits: list[str]) -> str:
+        columns = self._columns()
+        out = []
+        for split in self.evaluated(metrics, splits):
+            rows = [f"{'':<12}" + "".join(f"{c:>12}" for c in columns)]
+            for name, prefix in self._systems(split):
+                values = [metrics.get(prefix + c) for c in columns]
+                cells = [f"{v:>12.4f}" if isinstance(v, float) else f"{'-':>12}" for v in values]
+                rows.append(f"{name:<12}" + "".join(cells))
+            out.append(f"\n{split} ranking over {metrics.get(f'{split}/catalog_items', '?')} items, "
+                       f"{metrics.get(f'{split}/targets', '?')} targets:")
+            out.append("\n".join(rows))
+            ratio = metrics.get(f"{split}/valid_item_ratio")
+            if ratio is not None:
+                out.append(f"valid-item ratio of unconstrained generation: {ratio:.4f}")
+        return "\n".join(out)
+
+    def _card_table(self, metrics: dict, split: str) -> str:
+        columns = self._columns()
+        header = "| system | " + " | ".join(c.upper().replace("OVER_REC", "over-rec.") for c in columns) + " |"
+        rows = [header, "|---|" + "---|" * len(columns)]
+        for name, prefix in self._systems(split):
+            cells = [f"{metrics[prefix + c]:.4f}" if isinstance(metrics.get(prefix + c), float) else "–"
+                     for c in columns]
+            rows.append(f"| {'this model' if name == 'model' else f'{name} baseline'} | " + " | ".join(cells) + " |")
+        return "\n".join(rows)
+
+    def card_results(self, metrics: dict) -> str:
+        sections = []
+        for split in self.evaluated(metrics):
+            ratio = metrics.get(f"{split}/valid_item_ratio")
+            text = (f"## Results: {SPLIT_NAMES[split]} ({metrics[f'{split}/targets']} targets, "
+                    f"{metrics.get(f'{split}/catalog_items', '?')} candidate items)\n\n"
+                    f"{self._card_table(metrics, split)}\n")
+            if isinstance(ratio, float):
+                text += f"\nValid-item ratio of unconstrained greedy generation: {ratio:.4f}\n"
+            sections.append(text)
+        return "\n".join(sections)
+
+    def card_data(self, data) -> str:
+        return interactions_line(self.recipe, data)
+
+    def card_notes(self, run_path) -> str:
+        config = self.recipe.eval
+        history = "excluded from" if config.exclude_history else "allowed in"
+        return f"""Items the user had already interacted with are {history} every ranking.
+The over-recommendation ratio is the share of all top-{max(config.ks)} slots taken by the three most recommended
+items (high values mean every user gets the same few items).
+
+## Use
+
+```bash
+llmrec recommend {run_path} --user USER_ID -k 10
+llmrec eval {run_path}
+```"""
+
+    def plot(self, axis, metrics: dict, split: str) -> None:
+        from llmrec.eval.plots import grouped_bars
+
+        ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith(f"{split}/hr@"))
+        keys = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg")]
+        series = {name: [metrics.get(prefix + key, 0.0) for key in keys]
+                  for name, prefix in systems(metrics, split, "hr@").items()}
+        grouped_bars(axis, [key.upper() for key in keys], series)
+        axis.set(title=f"Whole-catalog ranking ({split})", ylabel="score")
+
+    def stats(self, data) -> list[str]:
+        lines = [f"{key:>20}: {value}" for key, value in data.stats().items()]
+        train = self.rows(data, "train", "sft")
+        lines.append(f"{'train examples':>20}: {len(train)}")
+        if len(train):
+            lines.append(example_text(train[0]))
+        return lines
+
+
+def interactions_line(recipe, data) -> str:
+    """The model card's data line for a task on the recipe's interactions: counts, split, shifts, prompt length."""
+    from llmrec.data.splits import describe_split
+
+    details = {
+        "popularity": lambda s: f"test targets re-drawn with weight popularity^-{s.power}",
+        "temporal": lambda s: f"each user's latest {s.fraction:.0%} of interactions",
+        "environment": lambda s: f"the users of environments {s.ood_environments}, never trained on",
+    }
+    shifts = [f"{s.kind} shift ({details[s.kind](s)})" for s in recipe.data.shifts]
+    shifted = f"; out-of-distribution tests: {'; '.join(shifts)}" if shifts else ""
+    stats = data.stats()
+    counts = f"{stats['users']} users, {stats['items']} items, {stats['interactions']} interactions"
+    return f"""- **Data:** {stats['name']} — {counts};
+  split {describe_split(recipe.data.split)}{shifted}; prompts show the last {recipe.data.task.history_length} items."""
