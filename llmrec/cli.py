@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("overrides", nargs="*", metavar="key=value")
         if name == "show":
             sub.add_argument("--all", action="store_true", help="also list every field of each stage's TRL config")
+        else:
+            sub.add_argument("--deep", action="store_true", help="also check the world: the data files load, the "
+                             "model is available offline, the optional libraries are installed")
 
     data = commands.add_parser("data", help="inspect a recipe's data")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -148,7 +151,7 @@ def _federate(args: argparse.Namespace) -> None:
 def _recipe_command(args: argparse.Namespace) -> None:
     from llmrec.recipe import all_stage_fields, dump_yaml, load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, deep=getattr(args, "deep", False))
     if args.recipe_command == "check":
         trainers = ", ".join(stage.trainer for stage in recipe.stages) or "none"
         print(f"{args.recipe}: ok ({len(recipe.stages)} stage(s): {trainers})")

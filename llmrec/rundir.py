@@ -33,6 +33,8 @@ from llmrec.files import read_json, write_json
 
 COMMIT_MARKER = "llmrec_commit.json"
 RESULT_MARKER = "llmrec_stage.json"
+# what final/ holds once a run has trained: an adapter's weights, or a full model's
+FINAL_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
 class RunDir:
@@ -49,7 +51,7 @@ class RunDir:
         self.card = self.path / "README.md"
 
     def status(self) -> dict:
-        return read_json(self.status_file) if self.status_file.is_file() else {}
+        return _read_record(self.status_file) if self.status_file.is_file() else {}
 
     def is_complete(self) -> bool:
         return self.status().get("state") == "complete" and self.metrics_file.is_file()
@@ -67,7 +69,37 @@ class RunDir:
         write_json(self.status_file, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
 
     def metrics(self) -> dict:
-        return read_json(self.metrics_file) if self.metrics_file.is_file() else {}
+        return _read_record(self.metrics_file) if self.metrics_file.is_file() else {}
+
+    def require(self, final: bool = False) -> None:
+        """Refuse, before any work, a folder that is not a run directory, a damaged status.json or metrics.json
+        (a later write would merge into it), and, with `final`, a run without a trained model in final/."""
+        if not self.recipe_file.is_file():
+            what = "does not exist" if not self.path.exists() else "is not a run directory (no recipe.yaml)"
+            raise LLMRecError(f"{what}; give the folder that `llmrec train` made (<run.output_dir>/<run.name>).",
+                              str(self.path))
+        self.status()
+        self.metrics()
+        if final and not any((self.final / name).is_file() for name in FINAL_WEIGHTS):
+            status = self.status()
+            why = (f" (it failed: {status.get('error', 'see its log')})" if status.get("state") == "failed"
+                   else " (it is unfinished or still running)")
+            raise LLMRecError(f"the run has no final/ model yet{why}; finish training first (rerun `llmrec train` "
+                              "with the same recipe, or `llmrec federate` for a federated run).", str(self.path))
+
+
+def _read_record(path: Path) -> dict:
+    """A JSON file of the run directory; a damaged one is an error that names it, never a traceback."""
+    import json
+
+    try:
+        record = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LLMRecError(f"this file is damaged (not valid JSON: {err}). Move it away to keep it, or delete it; "
+                          "`llmrec eval` writes the metrics again.", str(path)) from None
+    if not isinstance(record, dict):
+        raise LLMRecError("this file is damaged (a JSON object was expected).", str(path))
+    return record
 
 
 def check_same_recipe(run: RunDir, recipe) -> None:
@@ -125,11 +157,7 @@ def load_trained(run_dir: str | Path):
     from llmrec.recipe import load_recipe
 
     run = RunDir(run_dir)
-    if not run.recipe_file.is_file():
-        raise LLMRecError("not a run directory (no recipe.yaml).", str(run.path))
-    if not run.final.is_dir():
-        raise LLMRecError("the run has no final/ model yet; finish training first (rerun `llmrec train`).",
-                          str(run.path))
+    run.require(final=True)
     recipe = load_recipe(run.recipe_file, instantiate=False)
     state = process_state()
     data = load_data(recipe.data, recipe.run.seed)

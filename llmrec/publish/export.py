@@ -28,8 +28,7 @@ def _finished_run(run_dir: str | Path, out: str | Path):
     from llmrec.rundir import RunDir
 
     run = RunDir(run_dir)
-    if not run.recipe_file.is_file():
-        raise LLMRecError("not a run directory (no recipe.yaml).", str(run_dir))
+    run.require(final=True)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise LLMRecError("the output folder exists and is not empty; choose a new one.", str(out))

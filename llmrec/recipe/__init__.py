@@ -211,12 +211,14 @@ def __getattr__(name: str):
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), instantiate: bool = True) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), instantiate: bool = True,
+                deep: bool = False) -> Recipe:
     """Read, override and validate a recipe; raise one `LLMRecError` listing every problem found.
 
     With `instantiate`, each stage's TRL config object is also built once, so checks that TRL and transformers
     do across fields (in `__post_init__`) are reported now rather than after data loading, and so are the needs of
-    the adapter, the stages, the task and the other sections.
+    the adapter, the stages, the task and the other sections. With `deep`, the world is checked too
+    (`llmrec.recipe.deep`): the data files load, the model is available, the optional libraries are installed.
     """
     path = Path(path)
     if not path.is_file():
@@ -247,6 +249,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), i
         raise LLMRecError("\n".join(errors))
     if instantiate:
         _instantiate(recipe, places)
+    if deep:
+        from .deep import deep_problems
+
+        problems = deep_problems(recipe)
+        if problems:
+            raise LLMRecError("\n".join(f"{places(where)}: {message}" for where, message in problems))
     return recipe
 
 
