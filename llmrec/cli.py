@@ -27,10 +27,26 @@ from llmrec.logs import get_logger, setup_logging
 logger = get_logger(__name__)
 
 
+DEBUG_HELP = "show tracebacks, debug logs, and the libraries' progress bars and warnings"
+
+
+class _Commands:
+    """`add_parser` that gives every (sub)command the `--debug` flag, so it may follow the command too."""
+
+    def __init__(self, subparsers):
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        parser = self.subparsers.add_parser(name, **kwargs)
+        # SUPPRESS: absent after the command, it leaves the value `llmrec --debug` set
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmrec", description="Fine-tune and align LLMs for recommendation.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    commands = _Commands(parser.add_subparsers(dest="command", required=True))
 
     train = commands.add_parser("train", help="run a recipe (resumes an interrupted run)")
     train.add_argument("recipe")
@@ -48,10 +64,13 @@ def _parser() -> argparse.ArgumentParser:
                           default=None,
                           help="one split (default: every split of the recipe's eval.splits)")
 
-    recommend = commands.add_parser("recommend", help="top-K items for one user of a finished run")
+    recommend = commands.add_parser("recommend", help="top-K items for a user of a finished run, or for a history")
     recommend.add_argument("run_dir")
-    recommend.add_argument("--user", required=True)
-    recommend.add_argument("-k", type=int, default=10)
+    who = recommend.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user of the run's data")
+    who.add_argument("--history", nargs="+", metavar="ITEM", help="a new user's items, oldest first (ids or titles)")
+    recommend.add_argument("-k", type=int, default=10, help="how many items (the top k of the evaluation's ranking)")
+    recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     export = commands.add_parser("export", help="a finished run's adapter in a stock format")
     export.add_argument("run_dir")
@@ -64,19 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="the new adapter folder")
 
     recipe = commands.add_parser("recipe", help="check or print a recipe")
-    recipe_commands = recipe.add_subparsers(dest="recipe_command", required=True)
+    recipe_commands = _Commands(recipe.add_subparsers(dest="recipe_command", required=True))
     for name, text in (("check", "validate without running"), ("show", "print the resolved recipe with defaults")):
         sub = recipe_commands.add_parser(name, help=text)
         sub.add_argument("recipe")
         sub.add_argument("overrides", nargs="*", metavar="key=value")
         if name == "show":
-            sub.add_argument("--all", action="store_true", help="also list every field of each stage's TRL config")
+            sub.add_argument("--all", action="store_true", help="also list every field of each stage's TRL config, "
+                             "and describe every key in a comment above it")
         else:
             sub.add_argument("--deep", action="store_true", help="also check the world: the data files load, the "
                              "model is available offline, the optional libraries are installed")
 
     data = commands.add_parser("data", help="inspect a recipe's data")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_commands = _Commands(data.add_subparsers(dest="data_command", required=True))
     stats = data_commands.add_parser("stats", help="load, filter and split the data; print counts and a prompt")
     stats.add_argument("recipe")
     stats.add_argument("overrides", nargs="*", metavar="key=value")
@@ -149,7 +169,7 @@ def _federate(args: argparse.Namespace) -> None:
 
 
 def _recipe_command(args: argparse.Namespace) -> None:
-    from llmrec.recipe import all_stage_fields, dump_yaml, load_recipe
+    from llmrec.recipe import all_stage_fields, dump_yaml, dump_yaml_with_comments, field_descriptions, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, deep=getattr(args, "deep", False))
     if args.recipe_command == "check":
@@ -157,10 +177,12 @@ def _recipe_command(args: argparse.Namespace) -> None:
         print(f"{args.recipe}: ok ({len(recipe.stages)} stage(s): {trainers})")
         return
     resolved = recipe.to_dict()
-    if args.all:
-        for index, stage in enumerate(resolved["stages"]):
-            stage["args"] = all_stage_fields(recipe, index)
-    print(dump_yaml(resolved), end="")
+    if not args.all:
+        print(dump_yaml(resolved), end="")
+        return
+    for index, stage in enumerate(resolved["stages"]):
+        stage["args"] = all_stage_fields(recipe, index)
+    print(dump_yaml_with_comments(resolved, field_descriptions(recipe)), end="")
 
 
 def _data_stats(args: argparse.Namespace) -> None:
@@ -200,13 +222,24 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _recommend(args: argparse.Namespace) -> None:
+    import json
+
     from llmrec.rundir import load_trained
     from llmrec.tasks import task_of
 
     if args.k < 1:
         raise LLMRecError("must be at least 1.", "-k")
     recipe, data, model, tokenizer, _ = load_trained(args.run_dir)
-    print(task_of(recipe).recommend(model, tokenizer, data, args.user, args.k))
+    result = task_of(recipe).recommend(model, tokenizer, data, args.k, args.user, args.history)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    history = result["history"]
+    who = f"user {args.user}" if args.user else "the given history"
+    print(f"{who}: {len(history)} interactions; last: {history[-1]['title'] if history else '-'}")
+    print(f"{'rank':>4}  {'item_id':<12} {'log-prob':>9}  title")
+    for row in result["ranked"]:
+        print(f"{row['rank']:>4}  {row['item_id']:<12} {row['logprob']:>9.3f}  {row['title']}")
 
 
 def _export(args: argparse.Namespace) -> None:

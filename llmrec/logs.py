@@ -42,9 +42,41 @@ def setup_logging(debug: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
     if not debug:
+        quiet_libraries()
+
+
+# The libraries' own output that says nothing a user of llmrec can act on, silenced unless --debug: their info
+# logs, transformers' progress bars for loading and writing weights (training, tokenizing and ranking keep theirs),
+# TRL's "experimental feature" notices, and warnings about what llmrec already handles.
+QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' weight loading/writing bars follow this switch
+    "TRL_EXPERIMENTAL_SILENCE": "1",
+}
+KNOWN_WARNINGS = (
+    # transformers' own code calls its deprecated name; nothing in llmrec does
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # PEFT prompt learning drops position ids; llmrec's scoring batches such models without padding for that reason
+    (UserWarning, r"Position ids are not supported for parameter efficient tuning"),
+)
+
+
+def quiet_libraries() -> None:
+    """Silence `QUIET_ENVIRONMENT` and `KNOWN_WARNINGS`, without importing the libraries (which read the
+    environment when they are imported; those already imported are told directly)."""
+    import warnings
+
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for category, message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    if "transformers" in sys.modules:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
         import datasets
 
         datasets.logging.set_verbosity_error()

@@ -33,7 +33,7 @@ from llmrec.eval.keys import stage_prefix
 from llmrec.files import atomic_dir, read_json, write_json, write_text
 from llmrec.logs import get_logger
 from llmrec.recipe import Recipe
-from llmrec.rundir import COMMIT_MARKER, RESULT_MARKER, RunDir, check_same_recipe, load_base_model, process_state
+from llmrec.rundir import COMMIT_MARKER, RESULT_MARKER, RunDir, load_base_model, process_state, start_over
 from llmrec.tasks import task_of
 from llmrec.trainers import StageContext, get_stage
 
@@ -92,18 +92,17 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
     run = RunDir(recipe.run_dir)
     set_seed(recipe.run.seed)
 
-    if run.path.exists() and overwrite:
+    if run.path.exists() and (overwrite or start_over(run, recipe)):
         if state.is_main_process:
-            logger.info(f"Removing {run.path} (--overwrite).")
+            if overwrite:
+                logger.info(f"Removing {run.path} (--overwrite).")
             shutil.rmtree(run.path)
         state.wait_for_everyone()
-    if run.recipe_file.is_file():
-        check_same_recipe(run, recipe)
-        if run.is_complete():
-            logger.info(f"{run.path} is already complete; its metrics:")
-            metrics = run.metrics()
-            print_summary(metrics, recipe)
-            return metrics
+    if run.is_complete():
+        logger.info(f"{run.path} is already complete; its metrics:")
+        metrics = run.metrics()
+        print_summary(metrics, recipe)
+        return metrics
 
     data = load_data(recipe.data, recipe.run.seed)
     logger.info("Data: " + ", ".join(f"{k}={v}" for k, v in data.stats().items()))

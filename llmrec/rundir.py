@@ -14,7 +14,12 @@
   metrics.json       written last; its presence with status "complete" means the run finished
   curves.png         training loss and evaluation metrics against the baselines
   README.md          the model card
+  federated/         a federated run's rounds: round-NNNN/ with the global tensors and record.json
 ```
+
+A run directory holding a different recipe's run is refused when it holds trained work (`trained_work`) and
+cleared when it holds none (`start_over`): a run that failed before its first checkpoint can be rerun with a
+corrected recipe.
 
 `llmrec train` (`llmrec.run`) and `llmrec federate` (`llmrec.federated.run`) write it; `eval`, `recommend` and
 `export` read it through `load_trained`.
@@ -30,9 +35,13 @@ import yaml
 
 from llmrec.errors import LLMRecError
 from llmrec.files import read_json, write_json
+from llmrec.logs import get_logger
+
+logger = get_logger(__name__)
 
 COMMIT_MARKER = "llmrec_commit.json"
 RESULT_MARKER = "llmrec_stage.json"
+ROUND_RECORD = "record.json"  # a federated round's folder is complete once it holds this
 # what final/ holds once a run has trained: an adapter's weights, or a full model's
 FINAL_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
@@ -68,8 +77,31 @@ class RunDir:
     def set_status(self, state: str, **extra: Any) -> None:
         write_json(self.status_file, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra})
 
+    def trained_work(self) -> list[str]:
+        """What training left here that `--overwrite` would delete: finished stages, committed checkpoints,
+        completed federated rounds, the final model, the metrics."""
+        work = []
+        for stage_dir in sorted(p for p in self.checkpoints.glob("*") if p.is_dir()):
+            steps = sorted(int(c.name.rsplit("-", 1)[1]) for c in stage_dir.glob("checkpoint-*")
+                           if (c / COMMIT_MARKER).is_file() and c.name.rsplit("-", 1)[1].isdigit())
+            if (stage_dir / "result" / RESULT_MARKER).is_file():
+                work.append(f"the finished stage {stage_dir.name}")
+            elif steps:
+                work.append(f"{len(steps)} checkpoint(s) of {stage_dir.name} (up to step {steps[-1]})")
+        rounds = [r for r in self.path.glob("federated/round-*") if (r / ROUND_RECORD).is_file()]
+        if rounds:
+            work.append(f"{len(rounds)} completed federated round(s)")
+        if any((self.final / name).is_file() for name in FINAL_WEIGHTS):
+            work.append("the trained model in final/")
+        if self.metrics_file.is_file():
+            work.append("metrics.json")
+        return work
+
     def metrics(self) -> dict:
-        return _read_record(self.metrics_file) if self.metrics_file.is_file() else {}
+        """metrics.json, with the keys of runs written by older versions renamed to today's (`llmrec.eval.keys`)."""
+        from llmrec.eval.keys import upgrade_keys
+
+        return upgrade_keys(_read_record(self.metrics_file)) if self.metrics_file.is_file() else {}
 
     def require(self, final: bool = False) -> None:
         """Refuse, before any work, a folder that is not a run directory, a damaged status.json or metrics.json
@@ -102,21 +134,43 @@ def _read_record(path: Path) -> dict:
     return record
 
 
-def check_same_recipe(run: RunDir, recipe) -> None:
-    """Refuse to resume a run directory that holds a run of a different recipe."""
+def start_over(run: RunDir, recipe) -> bool:
+    """Whether a run directory that holds a different recipe's run must be cleared before `recipe` runs in it.
+
+    The same recipe (as today's schema resolves both) resumes: False. A different one is refused, naming
+    `--overwrite` and what it would delete, when the directory holds trained work; when it holds none (the run
+    failed or was stopped before its first checkpoint), it is True: the caller clears the directory and starts over,
+    since nothing is lost and the corrected recipe is what the user wants to run.
+    """
     from llmrec.recipe import load_recipe
 
-    # The stored recipe goes through today's schema too, so a field added to llmrec since (with its default) is
-    # not a difference.
-    stored = yaml.safe_load(load_recipe(run.recipe_file, instantiate=False).to_yaml())
+    if not run.recipe_file.is_file():
+        return False
+    try:
+        # The stored recipe goes through today's schema too, so a field added to llmrec since (with its default) is
+        # not a difference.
+        stored = yaml.safe_load(load_recipe(run.recipe_file, instantiate=False).to_yaml())
+    except LLMRecError as err:
+        stored, unreadable = None, err
     current = yaml.safe_load(recipe.to_yaml())
-    if stored != current:
-        differences = sorted(_differences(stored, current))
+    if stored == current:
+        return False
+    differences = sorted(_differences(stored, current)) if stored is not None else []
+    where = (f"differences at {', '.join(differences[:8])}" if stored is not None
+             else f"its recipe.yaml no longer loads: {unreadable}")
+    work = run.trained_work()
+    if work:
         raise LLMRecError(
-            f"the run directory holds a run of a different recipe (differences at {', '.join(differences[:8])}). "
-            "Resume it with the same recipe and overrides, pick another run.name, or pass --overwrite to start over.",
+            f"the run directory holds a run of a different recipe ({where}) with {'; '.join(work)}. Resume it with "
+            "the same recipe and overrides, pick another run.name, or pass --overwrite to delete all of it and "
+            "start over.",
             str(run.path),
         )
+    status = run.status()
+    state = f"it {status['state']}" if status.get("state") else "it has no status"
+    logger.warning(f"{run.path} holds a run of a different recipe ({where}) that trained nothing ({state}, no "
+                   "checkpoint); starting over with this recipe.")
+    return True
 
 
 _ABSENT = object()

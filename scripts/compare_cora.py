@@ -50,7 +50,7 @@ def train(recipe: str, overrides: list[str], log: Path) -> dict:
 def table(results: dict[str, list[dict]]) -> str:
     lines = ["| system | AUC | UAUC |", "|---|---:|---:|"]
     for system, label in SYSTEMS.items():
-        prefix = "baseline/cf/" if system == "cf" else "test/"
+        prefix = "baseline/cf/test/" if system == "cf" else "test/"
         rows = results.get("cora" if system == "cf" else system, [])
         cells = []
         for metric in ("auc", "uauc"):

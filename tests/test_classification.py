@@ -149,7 +149,7 @@ def test_a_classification_recipe_trains_and_reports_accuracy(tmp_path, adapter, 
     recipe = load_recipe(classification_recipe(tmp_path, "lora" if adapter is None else "ept", adapter))
     metrics = train(recipe)
     assert metrics["test/rows"] == 24 and 0 <= metrics["test/accuracy"] <= 1
-    assert metrics["baseline/majority/accuracy"] == 0.5 and metrics["train/stage0-sft/global_step"] == 4
+    assert metrics["baseline/majority/test/accuracy"] == 0.5 and metrics["train/stage0-sft/global_step"] == 4
     assert "test sentiment classification: 24 rows, 2 classes" in capsys.readouterr().out
     run = RunDir(recipe.run_dir)
     predictions = [json.loads(line) for line in (run.predictions / "test.jsonl").read_text().splitlines()]

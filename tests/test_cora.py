@@ -190,7 +190,8 @@ def test_a_cora_recipe_trains_evaluates_and_exports(tmp_path):
 
     recipe = load_recipe(cora_recipe(tmp_path))
     metrics = train(recipe)
-    for key in ("test/auc", "test/uauc", "baseline/cf/auc", "baseline/popularity/auc", "train/stage0-ctr/global_step"):
+    for key in ("test/auc", "test/uauc", "baseline/cf/test/auc", "baseline/popularity/test/auc",
+                "train/stage0-ctr/global_step"):
         assert key in metrics, key
     assert 0 <= metrics["test/auc"] <= 1 and metrics["test/rows"] > 0
     run = RunDir(recipe.run_dir)
@@ -229,7 +230,7 @@ def test_the_text_only_lora_baseline_runs_through_the_same_loop(tmp_path):
 
     lora = {"method": "lora", "args": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}}
     metrics = train(load_recipe(cora_recipe(tmp_path, "lora", adapter=lora)))
-    assert "test/auc" in metrics and "baseline/cf/auc" not in metrics
+    assert "test/auc" in metrics and "baseline/cf/test/auc" not in metrics
 
 
 def test_left_padded_ctr_scores_equal_one_prompt_at_a_time(tokenizer, base):

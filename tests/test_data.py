@@ -7,7 +7,7 @@ from collections import Counter
 
 import pandas as pd
 import pytest
-from conftest import ML100K, needs_ml100k
+from conftest import ML100K, REPO, needs_ml100k
 
 from llmrec.data import DataConfig, NextItemTaskConfig, RecData, load_data, next_item_examples
 from llmrec.data.filters import FilterConfig, apply_filters, k_core
@@ -16,6 +16,7 @@ from llmrec.data.splits import SplitConfig, split_interactions
 from llmrec.data.synthetic import GENRES, SyntheticWorldConfig, generate_world
 from llmrec.data.tasks import format_prompt
 from llmrec.errors import LLMRecError
+from llmrec.recipe import load_recipe
 
 
 def _config(source: dict, **sections) -> DataConfig:
@@ -165,6 +166,81 @@ def test_the_shared_movielens_100k():
     assert (data.num_users, data.num_items, len(data.interactions_frame)) == (943, 1682, 100000)
     assert data.titles["1"] == "Toy Story (1995)"
     assert len(set(data.titles.values())) == 1682
+
+
+def _no_timestamp_tables(tmp_path) -> dict:
+    """Two users interleaved in the file, item ids out of order, no timestamp and no rating column."""
+    rows = [("1", "c"), ("2", "e"), ("1", "a"), ("2", "d"), ("1", "b"), ("2", "a"), ("1", "e"), ("1", "d")]
+    (tmp_path / "i.csv").write_text("userId,movieId\n" + "".join(f"{u},{i}\n" for u, i in rows))
+    (tmp_path / "c.csv").write_text("movieId,name\n" + "".join(f"{i},Film {i.upper()}\n" for i in "abcde"))
+    return {"format": "table", "interactions": str(tmp_path / "i.csv"), "catalog": str(tmp_path / "c.csv"),
+            "columns": {"user_id": "userId", "item_id": "movieId"},
+            "catalog_columns": {"item_id": "movieId", "title": "name"}}
+
+
+def test_table_without_a_timestamp_keeps_file_order(tmp_path):
+    source = _no_timestamp_tables(tmp_path)
+    frame = load_data(_config(source), 0).interactions_frame
+    assert "rating" not in frame.columns
+    one, two = frame[frame.user_id == "1"], frame[frame.user_id == "2"]
+    assert list(one.item_id) == ["c", "a", "b", "e", "d"] and list(two.item_id) == ["e", "d", "a"]
+    assert list(one.split) == ["train", "train", "train", "valid", "test"]  # the user's last row is the test item
+    assert list(two.split) == ["train", "valid", "test"]
+    temporal = load_data(_config(source, split={"method": "temporal", "test_fraction": 0.4, "valid_fraction": 0.2}), 0)
+    one = temporal.interactions_frame[temporal.interactions_frame.user_id == "1"]
+    assert list(one.item_id) == ["c", "a", "b", "e", "d"]
+    assert list(one.split) == ["train", "train", "valid", "test", "test"]
+
+
+def test_table_column_map_goes_from_llmrec_name_to_file_column(tmp_path):
+    source = _no_timestamp_tables(tmp_path)
+    assert load_data(_config(source), 0).titles == {i: f"Film {i.upper()}" for i in "abcde"}
+    backwards = {**source, "columns": {"userId": "user_id", "movieId": "item_id"}}
+    with pytest.raises(LLMRecError) as err:
+        load_data(_config(backwards), 0)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'i.csv'}: column 'user_id' (mapped in data.source.columns) not found")
+    assert "the columns are userId, movieId" in message and "\n" not in message
+
+
+def test_table_missing_required_column_names_file_column_and_the_map(tmp_path):
+    source = {**_no_timestamp_tables(tmp_path), "columns": {"user_id": "userId"}}
+    with pytest.raises(LLMRecError) as err:
+        load_data(_config(source), 0)
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'i.csv'}: column 'item_id' not found; the columns are user_id, movieId.")
+    assert "data.source.columns (llmrec name -> file column" in message and "\n" not in message
+    source = {**_no_timestamp_tables(tmp_path), "catalog_columns": {"item_id": "movieId"}}
+    with pytest.raises(LLMRecError, match=r"c\.csv: column 'title' not found.*data\.source\.catalog_columns"):
+        load_data(_config(source), 0)
+
+
+def test_table_environment_column_is_read_as_integers(tmp_path):
+    rows = [(u, i, u % 2) for u in range(6) for i in "abcde"]
+    (tmp_path / "i.csv").write_text("user_id,item_id,env\n" + "".join(f"{u},{i},{e}\n" for u, i, e in rows))
+    (tmp_path / "c.csv").write_text("item_id,title\n" + "".join(f"{i},Film {i}\n" for i in "abcde"))
+    source = {"format": "table", "interactions": str(tmp_path / "i.csv"), "catalog": str(tmp_path / "c.csv"),
+              "columns": {"environment": "env"}}
+    data = load_data(_config(source, shifts=[{"kind": "environment", "ood_environments": [1]}]), 0)
+    frame = data.interactions_frame
+    assert set(frame[frame.environment == 1].user_id) == {"1", "3", "5"}
+    assert "test" not in set(frame[frame.environment == 1].split)  # held out, never split for training
+    (tmp_path / "i.csv").write_text("user_id,item_id,env\n0,a,0\n0,b,high\n")
+    with pytest.raises(LLMRecError, match=r"i\.csv: column 'environment' must hold integers, but row 2 holds 'high'"):
+        load_data(_config(source), 0)
+
+
+def test_the_bundled_table_recipe_loads(monkeypatch):
+    monkeypatch.chdir(REPO)  # recipe paths are relative to the working directory, the repository root
+    recipe = load_recipe(REPO / "recipes" / "table" / "tiny.yaml", instantiate=False)
+    assert recipe.data.source.format == "table" and "timestamp" not in recipe.data.source.columns
+    data = load_data(recipe.data, recipe.run.seed)
+    assert (data.num_users, data.num_items) == (8, 30)
+    frame = data.interactions_frame
+    assert (frame.split == "test").sum() == 8 and set(frame.columns) >= {"rating", "timestamp"}
+    last_rows = pd.read_csv(REPO / "recipes" / "table" / "data" / "ratings.csv", dtype=str).groupby("userId").tail(1)
+    tests = frame[frame.split == "test"]
+    assert dict(zip(tests.user_id, tests.item_id)) == dict(zip(last_rows.userId, last_rows.movieId))
 
 
 # --- filters and splits ----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def test_small_run_leaves_a_complete_self_describing_run_directory(tmp_path, cap
 
     run = tmp_path / "runs" / "small"
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("test/hr@5", "test/ndcg@10", "baseline/popularity/hr@10", "baseline/random/ndcg@5",
+    for key in ("test/hr@5", "test/ndcg@10", "baseline/popularity/test/hr@10", "baseline/random/test/ndcg@5",
                 "test/valid_item_ratio"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["test/targets"] == 60 and metrics["train/stage0-sft/global_step"] == 6
@@ -185,8 +185,8 @@ def test_quickstart_beats_the_popularity_baseline(tmp_path):
     result = run_cli("train", "recipes/quickstart.yaml", f"run.output_dir={tmp_path}", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "quickstart" / "metrics.json").read_text())
-    assert metrics["test/hr@10"] > metrics["baseline/popularity/hr@10"]
-    assert metrics["test/ndcg@10"] > metrics["baseline/popularity/ndcg@10"]
+    assert metrics["test/hr@10"] > metrics["baseline/popularity/test/hr@10"]
+    assert metrics["test/ndcg@10"] > metrics["baseline/popularity/test/ndcg@10"]
     assert "popularity" in result.stdout and f"{metrics['test/hr@10']:.4f}" in result.stdout
 
 

@@ -104,7 +104,7 @@ def test_a_task_defined_outside_llmrec_runs_through_llmrec_train(registered, tmp
     run = tmp_path / "runs" / "choice"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test/rows"] == 12 and 0 <= metrics["test/pairwise_accuracy"] <= 1
-    assert metrics["baseline/coin/pairwise_accuracy"] == 0.5 and metrics["train/stage0-sft/global_step"] == 6
+    assert metrics["baseline/coin/test/pairwise_accuracy"] == 0.5 and metrics["train/stage0-sft/global_step"] == 6
     card = (run / "README.md").read_text()
     assert "A model that tells a user's next title from another one." in card and "## Results: title choice" in card
     assert "title_choice:\n    max_rows: 12" in card  # the resolved recipe shows the task's section

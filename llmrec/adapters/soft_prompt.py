@@ -277,7 +277,7 @@ class SoftPromptModel(FrozenModelWrapper, abc.ABC):
     @torch.no_grad()
     def to_peft_prompt_tuning(self, folder: str | Path) -> Path:
         """Write the final prompt as a stock PEFT prompt-tuning adapter (`PeftModel.from_pretrained` loads it with
-        the same outputs; vLLM serves it as prompt embeddings)."""
+        the same outputs; vLLM loads no prompt-tuning adapter, but takes the prompt as input embeddings)."""
         from peft import PromptTuningConfig
 
         refusal = self.export_refusal()

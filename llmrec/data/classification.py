@@ -31,16 +31,18 @@ from __future__ import annotations
 import functools
 import json
 from string import Formatter
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
-from datasets import Dataset, Features, Value
 from pydantic import Field, field_validator, model_validator
 
 from llmrec.errors import LLMRecError
 from llmrec.schema import Section
 
-FEATURES = Features({"prompt": Value("string"), "completion": Value("string"), "label": Value("int64")})
+if TYPE_CHECKING:  # datasets is imported where rows are built: reading a recipe does not need it
+    from datasets import Dataset
+
+COLUMNS = {"prompt": "string", "completion": "string", "label": "int64"}  # the rows' columns and their types
 SPLITS = ("train", "valid", "test")
 
 
@@ -303,6 +305,8 @@ def _splits(config_json: str, seed: int) -> dict[str, tuple[list[tuple[str, ...]
 def classification_examples(config: ClassificationTaskConfig, split: str, seed: int) -> Dataset:
     """Rows `prompt`, `completion` (the label word), `label` (the class index) of one split (train, valid or test);
     deterministic for (config, seed)."""
+    from datasets import Dataset, Features, Value
+
     if split not in SPLITS:
         raise LLMRecError(f"a classification task has the splits {', '.join(SPLITS)}, not {split!r}.", "eval.splits")
     texts, labels = _splits(json.dumps(config.model_dump(mode="json"), sort_keys=True), seed)[split]
@@ -310,7 +314,7 @@ def classification_examples(config: ClassificationTaskConfig, split: str, seed: 
     prompts = [config.prompt_template.format(**dict(zip(fields, text))) for text in texts]
     return Dataset.from_dict(
         {"prompt": prompts, "completion": [config.label_words[label] for label in labels], "label": labels},
-        features=FEATURES,
+        features=Features({name: Value(kind) for name, kind in COLUMNS.items()}),
     )
 
 

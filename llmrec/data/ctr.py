@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from collections import Counter
 from string import Formatter
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
-from datasets import Dataset, Features, Value
 from pydantic import Field, field_validator, model_validator
 
 from llmrec.errors import LLMRecError
@@ -32,17 +31,12 @@ from llmrec.schema import Section
 
 from .recdata import RecData
 
+if TYPE_CHECKING:  # datasets is imported where rows are built: reading a recipe does not need it
+    from datasets import Dataset
+
 DEFAULT_CTR_TEMPLATE = "A user liked these items:\n{history}\nWill the user like {target}? Answer:"
 
-FEATURES = Features(
-    {
-        "prompt": Value("string"),
-        "completion": Value("string"),
-        "label": Value("int64"),
-        "user_id": Value("string"),
-        "item_id": Value("string"),
-    }
-)
+COLUMNS = {"prompt": "string", "completion": "string", "label": "int64", "user_id": "string", "item_id": "string"}
 
 
 class _Row(NamedTuple):
@@ -106,6 +100,8 @@ class CTRTaskConfig(Section):
 def ctr_examples(data: RecData, split: str, config: CTRTaskConfig, seed: int) -> Dataset:
     """Rows `prompt`, `completion`, `label` (0/1), `user_id`, `item_id` of one split; deterministic for
     (data, config, seed). An empty split gives an empty dataset; training rows of a single class raise."""
+    from datasets import Dataset, Features, Value
+
     frame = data.interactions_frame
     if "rating" not in frame.columns:
         raise LLMRecError(
@@ -164,7 +160,7 @@ def ctr_examples(data: RecData, split: str, config: CTRTaskConfig, seed: int) ->
             "user_id": [row.user_id for row in rows],
             "item_id": [row.item_id for row in rows],
         },
-        features=FEATURES,
+        features=Features({name: Value(kind) for name, kind in COLUMNS.items()}),
     )
 
 

@@ -2,6 +2,10 @@
 
 Relative paths are resolved against the current working directory. Each loader's recipe section is a small
 pydantic model whose `format` field selects it (`data.source.format`).
+
+Interactions need a user and an item; a timestamp is optional for RecBole atomic files and generic tables
+(`table`): without one, each row's position in the file (0, 1, 2, ...) stands in for its time, so each user's
+interactions keep the order of the file and the leave-one-out and temporal splits take the user's last rows.
 """
 
 from __future__ import annotations
@@ -99,6 +103,15 @@ def apply_title_template(catalog: pd.DataFrame, template: str, place: str) -> pd
             place,
         ) from None
     return catalog.assign(title=[t.strip() for t in titles])
+
+
+def _integers(column: pd.Series, name: str, place: str) -> pd.Series:
+    values = pd.to_numeric(column, errors="coerce")
+    bad = values.isna() | (values % 1 != 0)
+    if bad.any():
+        row = int(bad.to_numpy().nonzero()[0][0])
+        raise LLMRecError(f"column {name!r} must hold integers, but row {row + 1} holds {column.iloc[row]!r}.", place)
+    return values.astype(int)
 
 
 class MovieLens100KSource(Section):
@@ -225,7 +238,8 @@ class AmazonSource(Section):
 
 
 class TableSource(Section):
-    """Generic CSV / TSV / JSON Lines / Parquet files with a column mapping."""
+    """Generic CSV / TSV / JSON Lines / Parquet files with a column mapping; the timestamp column is optional (without
+    it, each user's interactions keep the order of the file)."""
 
     format: Literal["table"]
     interactions: str = Field(description="Interactions file.")
@@ -233,7 +247,8 @@ class TableSource(Section):
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="llmrec name -> column in the interactions file, for user_id, item_id, timestamp, rating, "
-                    "environment.",
+                    "environment (e.g. {user_id: userId}). user_id and item_id are required; without a timestamp, "
+                    "each user's interactions keep the order of the file.",
     )
     catalog_columns: dict[str, str] = Field(
         default_factory=dict, description="llmrec name -> column in the catalog file, for item_id and title."
@@ -248,8 +263,12 @@ class TableSource(Section):
         inter = _rename(read_table(inter_path), self.columns, str(inter_path), "data.source.columns")
         catalog = _rename(read_table(catalog_path), self.catalog_columns, str(catalog_path),
                           "data.source.catalog_columns")
-        hint = " Map your column names with data.source.columns."
-        require_columns(inter, ["user_id", "item_id", "timestamp"], str(inter_path), hint)
+        hint = " Map your column names with data.source.columns (llmrec name -> file column, e.g. {user_id: userId})."
+        require_columns(inter, ["user_id", "item_id"], str(inter_path), hint)
+        if "timestamp" not in inter.columns:
+            inter["timestamp"] = range(len(inter))  # file order stands in for time
+        if "environment" in inter.columns:  # text in CSV / TSV; the shifts and CausalDPO compare integers
+            inter["environment"] = _integers(inter["environment"], "environment", str(inter_path))
         if self.title_template:
             catalog = apply_title_template(catalog, self.title_template, "data.source.title_template")
         require_columns(catalog, ["item_id", "title"], str(catalog_path),

@@ -20,10 +20,9 @@ target gets its own draw, and `max_examples_per_user` keeps each user's latest t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from datasets import Dataset
 from pydantic import Field
 
 from llmrec.errors import LLMRecError
@@ -31,6 +30,9 @@ from llmrec.schema import Section
 
 from .recdata import RecData
 from .tasks import NextItemTaskConfig, next_item_examples
+
+if TYPE_CHECKING:  # datasets is imported where rows are built: reading a recipe does not need it
+    from datasets import Dataset
 
 
 class PreferenceDataConfig(Section):
@@ -116,6 +118,8 @@ def preference_examples(
 
 def pairwise_rows(dataset: Dataset) -> Dataset:
     """Pairwise DPO's view of multi-negative rows: one (prompt, chosen, rejected) row per negative."""
+    from datasets import Dataset
+
     columns = {name: [] for name in dataset.column_names}
     for row in dataset:
         for negative in row["rejected"]:

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
-from datasets import Dataset, Features, Value
 from pydantic import Field, field_validator
 
 from llmrec.errors import LLMRecError
@@ -34,8 +33,10 @@ from llmrec.schema import Section
 
 from .loaders import iter_jsonl
 
-FEATURES = Features({"prompt": Value("string"), "completion": Value("string"), "answer": Value("string"),
-                     "level": Value("int64")})
+if TYPE_CHECKING:  # datasets is imported where rows are built: reading a recipe does not need it
+    from datasets import Dataset
+
+COLUMNS = {"prompt": "string", "completion": "string", "answer": "string", "level": "int64"}
 SPLITS = ("train", "valid", "test")
 
 
@@ -206,6 +207,8 @@ def _splits(config_json: str, seed: int) -> dict[str, list[dict]]:
 
 def reasoning_examples(config: ReasoningTaskConfig, split: str, seed: int) -> Dataset:
     """The split's rows: prompt, completion (worked solution), answer (normalised), level."""
+    from datasets import Dataset, Features, Value
+
     rows = _splits(config.model_dump_json(), seed)[split]
     return Dataset.from_dict(
         {
@@ -214,7 +217,7 @@ def reasoning_examples(config: ReasoningTaskConfig, split: str, seed: int) -> Da
             "answer": [r["answer"] for r in rows],
             "level": [r["level"] for r in rows],
         },
-        features=FEATURES,
+        features=Features({name: Value(kind) for name, kind in COLUMNS.items()}),
     )
 
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from datasets import Dataset
 
 from llmrec.errors import LLMRecError
 from llmrec.logs import get_logger
+
+if TYPE_CHECKING:  # datasets is imported where rows are built: reading a recipe does not need it
+    from datasets import Dataset
 
 logger = get_logger(__name__)
 
@@ -112,6 +115,8 @@ class RecData:
     def from_frames(cls, interactions: pd.DataFrame, catalog: pd.DataFrame, name: str,
                     info: dict | None = None) -> RecData:
         """Wrap frames that already satisfy the contract (from `from_raw`, a filter or a splitter)."""
+        from datasets import Dataset
+
         return cls(
             Dataset.from_pandas(interactions.reset_index(drop=True), preserve_index=False),
             Dataset.from_pandas(catalog.reset_index(drop=True), preserve_index=False),

@@ -12,12 +12,16 @@ is everything the user did before them.
 
 from __future__ import annotations
 
-from datasets import Dataset
+from typing import TYPE_CHECKING
+
 from pydantic import Field, field_validator
 
 from llmrec.schema import Section
 
 from .recdata import RecData
+
+if TYPE_CHECKING:  # datasets is imported where rows are built: reading a recipe does not need it
+    from datasets import Dataset
 
 DEFAULT_PROMPT_TEMPLATE = "A user's recent items, oldest first:\n{history}\nTheir next item:\n"
 
@@ -71,6 +75,8 @@ def format_prompt(config: NextItemTaskConfig, history: list[str], titles: dict[s
 def next_item_examples(data: RecData, split: str, config: NextItemTaskConfig) -> Dataset:
     """Rows `prompt`, `completion` (TRL prompt–completion), plus `user_id`, `item_id` (the target) and
     `history` (all earlier item ids, for excluding seen items at evaluation)."""
+    from datasets import Dataset
+
     titles = data.titles
     rows: dict[str, list] = {"prompt": [], "completion": [], "user_id": [], "item_id": [], "history": []}
     for user, sequence in data.user_sequences().items():

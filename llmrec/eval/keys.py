@@ -1,8 +1,9 @@
 """Metric keys: how metrics.json names a value, in one place.
 
 - the model on a split: `<split>/<metric>`, e.g. `test/hr@10`, `valid/auc`, `ood_temporal/ndcg@10`;
-- a baseline: `baseline/<name>/<metric>` on the test split and `baseline/<name>/<split>/<metric>` on the others,
-  e.g. `baseline/popularity/hr@10`, `baseline/majority/valid/accuracy`;
+- a baseline on a split: `baseline/<name>/<split>/<metric>`, on every split alike, e.g.
+  `baseline/popularity/test/hr@10`, `baseline/majority/valid/accuracy`. (Runs written before this rule named the
+  test split's baselines `baseline/<name>/<metric>`; `upgrade_keys` renames them when such a run is read.)
 - a training stage: `train/<stage label>/<figure>`, e.g. `train/stage0-sft/final_loss`;
 - the run: `run/seed`, `run/world_size`.
 """
@@ -24,8 +25,15 @@ def split_prefix(split: str) -> str:
 
 
 def baseline_prefix(name: str, split: str) -> str:
-    """Metric-key prefix of a baseline: 'baseline/<name>/' on the test split, 'baseline/<name>/<split>/' elsewhere."""
-    return f"baseline/{name}/" if split == "test" else f"baseline/{name}/{split}/"
+    """Metric-key prefix of a baseline on a split: 'baseline/<name>/<split>/'."""
+    return f"baseline/{name}/{split}/"
+
+
+def upgrade_keys(metrics: dict) -> dict:
+    """`metrics` with the test split's baseline keys of older runs ('baseline/<name>/<metric>') renamed to today's
+    'baseline/<name>/test/<metric>'."""
+    return {f"baseline/{parts[1]}/test/{parts[2]}" if (parts := key.split("/"))[0] == "baseline" and len(parts) == 3
+            else key: value for key, value in metrics.items()}
 
 
 def stage_prefix(label: str) -> str:
@@ -39,7 +47,6 @@ def systems(metrics: dict, split: str, metric: str) -> dict[str, str]:
     found = {"model": split_prefix(split)}
     for key in metrics:
         parts = key.split("/")
-        in_split = len(parts) == 3 if split == "test" else (len(parts) == 4 and parts[2] == split)
-        if parts[0] == "baseline" and parts[-1].startswith(metric) and in_split:
-            found[parts[1]] = "/".join(parts[:-1]) + "/"
+        if len(parts) == 4 and parts[0] == "baseline" and parts[2] == split and parts[3].startswith(metric):
+            found[parts[1]] = baseline_prefix(parts[1], split)
     return found

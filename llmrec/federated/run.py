@@ -31,6 +31,7 @@ import torch
 from llmrec.errors import LLMRecError
 from llmrec.files import atomic_dir, atomic_save_file, read_json, write_json, write_text
 from llmrec.logs import get_logger
+from llmrec.rundir import ROUND_RECORD
 
 from .client import EMPTY, initial_model, latest_private, load_adapter_state, lora_scaling
 from .rules import build_rule, module_of
@@ -38,7 +39,6 @@ from .rules import build_rule, module_of
 logger = get_logger(__name__)
 
 ROUND_STATE = "global.safetensors"
-ROUND_RECORD = "record.json"
 
 
 def _run_dir(recipe):
@@ -71,14 +71,13 @@ def with_absolute_paths(recipe):
 def prepare(recipe, overwrite: bool = False):
     """The run directory, refusing one that holds a different recipe; its recipe.yaml is written by `start` once
     the model has loaded, so a recipe that cannot start leaves nothing to be refused later."""
-    from llmrec.rundir import check_same_recipe
+    from llmrec.rundir import start_over
 
     run = _run_dir(recipe)
-    if run.path.exists() and overwrite:
-        logger.info(f"Removing {run.path} (--overwrite).")
+    if run.path.exists() and (overwrite or start_over(run, recipe)):
+        if overwrite:
+            logger.info(f"Removing {run.path} (--overwrite).")
         shutil.rmtree(run.path)
-    if run.recipe_file.is_file():
-        check_same_recipe(run, recipe)
     return run
 
 
@@ -217,8 +216,10 @@ def export_global(rule, model, initial: dict, global_state: dict, folder: Path) 
         model.save_pretrained(str(folder), safe_serialization=True)
 
 
-def export_client(run, recipe, out: Path, client: int | None) -> Path:
-    """A federated run's global adapter (client None) or client `client`'s personal one, as stock PEFT LoRA."""
+def export_client(run, recipe, folder: Path, client: int | None) -> str:
+    """Write a federated run's global adapter (client None) or client `client`'s personal one, as stock PEFT LoRA,
+    into `folder`; returns what it is, in words. `llmrec.publish.export.export_peft_lora` calls it inside its
+    atomic folder and then makes the export portable (base, tokenizer, README)."""
     from safetensors.torch import load_file
 
     done = completed_rounds(run)
@@ -226,7 +227,7 @@ def export_client(run, recipe, out: Path, client: int | None) -> Path:
         raise LLMRecError("the federated run is not complete; rerun `llmrec federate` first.", str(run.path))
     if client is not None and not 0 <= client < recipe.federated.num_clients:
         raise LLMRecError(f"clients are 0..{recipe.federated.num_clients - 1}.", "--client")
-    model, tokenizer, initial = initial_model(recipe, run.base, run.path)
+    model, _, initial = initial_model(recipe, run.base, run.path)
     rule = build_rule(recipe.federated.rule, lora_scaling(model))
     global_state = load_file(round_dir(run, done[-1]) / ROUND_STATE)
     global_state.pop(EMPTY, None)
@@ -237,11 +238,15 @@ def export_client(run, recipe, out: Path, client: int | None) -> Path:
             raise LLMRecError(f"client {client} kept no tensors in {work_dir} (it never trained, or ran on another "
                               "machine: export there).", "--client")
         initial = {**initial, **private}
-    with atomic_dir(out) as tmp:
-        export_global(rule, model, initial, global_state, tmp)
-        tokenizer.save_pretrained(tmp)
-    logger.info(f"wrote {out}: the {'global' if client is None else f'client {client}'} adapter as PEFT LoRA")
-    return out
+    export_global(rule, model, initial, global_state, folder)
+    fed = recipe.federated
+    if client is None:
+        what = "the global adapter"
+    elif rule.personal:
+        what = f"client {client}'s personal adapter (the global tensors and the tensors its rule kept on the client)"
+    else:
+        what = f"client {client}'s adapter, which is the global adapter ({fed.rule} keeps nothing on the clients)"
+    return f"{what} of a federated run ({fed.rule}, {fed.num_clients} clients, after round {done[-1]})"
 
 
 def summarise(records: list[dict], recipe) -> dict:

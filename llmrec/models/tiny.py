@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
-
 from llmrec.errors import LLMRecError, did_you_mean
+
+# torch, tokenizers and transformers are imported where they are used, so that checking a recipe (which names a
+# preset) does not pay for them
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -28,7 +27,7 @@ _SHAPES = {
               num_key_value_heads=4),
 }
 PRESETS = {f"{family}-{size}": (family, shape) for family in ("qwen2", "llama") for size, shape in _SHAPES.items()}
-_CONFIG_CLASSES = {"qwen2": Qwen2Config, "llama": LlamaConfig}
+_CONFIG_CLASSES = {"qwen2": "Qwen2Config", "llama": "LlamaConfig"}  # transformers' config class of each family
 
 
 def is_tiny(name: str) -> bool:
@@ -45,9 +44,13 @@ def preset_of(name: str, key: str = "model.name") -> tuple[str, dict]:
     return PRESETS[preset]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: bool = False) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer; training is deterministic for the same texts in the same order. With
-    `split_digits`, every digit is its own token (as in Llama and Qwen tokenizers), so arithmetic is learnable."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: bool = False):
+    """A byte-level BPE tokenizer (`PreTrainedTokenizerFast`); training is deterministic for the same texts in the
+    same order. With `split_digits`, every digit is its own token (as in Llama and Qwen tokenizers), so arithmetic
+    is learnable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.pre_tokenizer = (
@@ -65,9 +68,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, split_digits: bool = 
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
 
 
-def build_tiny_model(name: str, tokenizer: PreTrainedTokenizerFast, seed: int, overrides: dict | None = None):
+def build_tiny_model(name: str, tokenizer, seed: int, overrides: dict | None = None):
+    import torch
+    import transformers
+
     family, shape = preset_of(name)
-    config_class = _CONFIG_CLASSES[family]
+    config_class = getattr(transformers, _CONFIG_CLASSES[family])
     fields = dict(shape)
     known = set(config_class().to_dict())
     for key, value in (overrides or {}).items():
@@ -92,7 +98,7 @@ def build_tiny_model(name: str, tokenizer: PreTrainedTokenizerFast, seed: int, o
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config)
     finally:
         torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -23,9 +23,11 @@ Owners declare what the schema holds and needs, so this module imports none of t
 (`recipe_needs` / `needs`), reported with their place before anything runs. `recipe_schema()` assembles the
 pydantic model from the registries as they are when a recipe is loaded.
 
-llmrec sets a few stage defaults that differ from TRL's (`STAGE_DEFAULTS`): no external loggers, fp32 and no
+llmrec sets a few stage defaults that differ from TRL's (`STAGE_DEFAULTS`): no external loggers, `bf16: false` and no
 activation (gradient) checkpointing unless the recipe asks (GPU recipes set `bf16: true`), and the run's seed.
-`use_cpu` is decided at run time from the hardware and is not part of the recipe.
+`bf16: false` means fp32 unless an accelerate config's `mixed_precision` says otherwise (a stage's `bf16`/`fp16:
+true` wins over the launcher's setting, `false` does not: see accelerate_configs/). `use_cpu` is decided at run
+time from the hardware and is not part of the recipe.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .loader import (
     check_dataclass_args,
     check_section,
     dump_yaml,
+    dump_yaml_with_comments,
     load_yaml,
     parse_value,
     pydantic_message,
@@ -69,6 +72,66 @@ STAGE_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 2,
 }
 RESERVED_STAGE_ARGS = {"output_dir": "the run directory decides where checkpoints go; set run.output_dir instead"}
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _at_least_one(value) -> bool:
+    return value >= 1
+
+
+def _not_negative(value) -> bool:
+    return value >= 0
+
+
+def _unset_or(check):
+    return lambda value: value is None or check(value)
+
+
+# Values that TRL, transformers and PEFT accept without a word but that cannot train (a negative learning rate, a
+# batch of zero, a rank of -4), checked wherever a stage's or the adapter's args set a field of this name:
+# {field: (test, what the value must be)}.
+ARG_RANGES: dict[str, tuple] = {
+    "learning_rate": (_positive, "a positive number"),
+    "per_device_train_batch_size": (_at_least_one, "at least 1"),
+    "per_device_eval_batch_size": (_at_least_one, "at least 1"),
+    "gradient_accumulation_steps": (_at_least_one, "at least 1"),
+    "num_train_epochs": (_positive, "a positive number"),
+    "max_steps": (lambda value: value == -1 or value >= 1, "at least 1, or -1 to train for num_train_epochs"),
+    "warmup_steps": (_not_negative, "0 or more"),
+    "weight_decay": (_not_negative, "0 or more"),
+    "max_grad_norm": (_not_negative, "0 or more"),
+    "save_steps": (_positive, "a positive number"),
+    "eval_steps": (_unset_or(_positive), "a positive number (or null)"),
+    "save_total_limit": (_unset_or(_at_least_one), "at least 1 (or null to keep every checkpoint)"),
+    "max_length": (_unset_or(_at_least_one), "at least 1 (or null)"),
+    "max_completion_length": (_unset_or(_at_least_one), "at least 1 (or null)"),
+    "num_generations": (_at_least_one, "at least 1"),
+    "beta": (_not_negative, "0 or more"),
+    "temperature": (_positive, "a positive number"),
+    "r": (_at_least_one, "at least 1"),
+    "lora_alpha": (_positive, "a positive number"),
+    "lora_dropout": (lambda value: 0 <= value < 1, "at least 0 and below 1"),
+    "num_virtual_tokens": (_at_least_one, "at least 1"),
+}
+
+
+def check_ranges(args: dict, where: tuple, places: Places) -> list[str]:
+    """Errors for the values of `args` outside `ARG_RANGES` (values of the wrong type are reported elsewhere)."""
+    errors = []
+    for key, value in args.items():
+        if key not in ARG_RANGES or isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+            continue
+        test, wanted = ARG_RANGES[key]
+        try:
+            ok = test(value)
+        except TypeError:  # None where a number is required: a type error, reported by the type check
+            continue
+        if not ok:
+            errors.append(f"{places((*where, key))}: {value!r} cannot train: {key} must be {wanted}.")
+    return errors
 
 # Optional top-level sections that other packages own: key -> ("module:Class", description). The class may define
 # `needs(recipe) -> [(key path, message)]`, and `deals_out_rows = True` when the run it describes deals the data
@@ -250,11 +313,15 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), i
     if instantiate:
         _instantiate(recipe, places)
     if deep:
-        from .deep import deep_problems
+        from llmrec.logs import get_logger
 
-        problems = deep_problems(recipe)
+        from .deep import deep_notes, deep_problems
+
+        problems = deep_problems(recipe, path)
         if problems:
             raise LLMRecError("\n".join(f"{places(where)}: {message}" for where, message in problems))
+        for where, message in deep_notes(recipe, path):
+            get_logger(__name__).warning(f"{places(where)}: note: {message}")
     return recipe
 
 
@@ -273,6 +340,7 @@ def _check_registered(recipe: Recipe, places: Places) -> list[str]:
             errors.append(f"{places(('adapter', 'args'))}: method {recipe.adapter.method!r} takes no args.")
         elif adapter.config_class is not None:
             errors += check_dataclass_args(adapter.config_class, recipe.adapter.args, ("adapter", "args"), places)
+            errors += check_ranges(recipe.adapter.args, ("adapter", "args"), places)
     for index, stage in enumerate(recipe.stages):
         try:
             spec = _stage(stage.trainer, f"stages.{index}.trainer")
@@ -286,6 +354,7 @@ def _check_registered(recipe: Recipe, places: Places) -> list[str]:
             errors.append(f"{places(where)}: this trainer builds its own rows and takes no data section.")
         errors += check_dataclass_args(spec.config_class, stage.args, ("stages", index, "args"), places,
                                        RESERVED_STAGE_ARGS)
+        errors += check_ranges(stage.args, ("stages", index, "args"), places)
     try:
         get_task(recipe.eval.task)
     except LLMRecError as err:
@@ -310,6 +379,12 @@ def _instantiate(recipe: Recipe, places: Places) -> None:
             except (ValueError, TypeError) as err:
                 raise LLMRecError(
                     f"{recipe.stages[index].trainer}'s config rejected these arguments: {err}",
+                    places(("stages", index, "args")),
+                ) from None
+            except ImportError as err:  # e.g. `deepspeed` set without the library installed
+                raise LLMRecError(
+                    f"{recipe.stages[index].trainer}'s config needs a library that is not installed ({err}); install "
+                    'the extra it belongs to, e.g. pip install "llmrec[deepspeed]".',
                     places(("stages", index, "args")),
                 ) from None
     adapter = get_adapter(recipe.adapter.method)
@@ -353,6 +428,44 @@ def recipe_needs(recipe: Recipe) -> list[tuple[tuple, str]]:
     return needs
 
 
+def field_descriptions(recipe: Recipe) -> dict[tuple, str]:
+    """{key path: description} for every key of `recipe.to_dict()` that has one: the sections' field descriptions,
+    and the help of the TRL / PEFT config fields set in stage and adapter args (for `recipe show --all`)."""
+    from pydantic import BaseModel
+
+    from llmrec.adapters import get_adapter
+
+    found: dict[tuple, str] = {}
+
+    def walk(section: BaseModel, where: tuple) -> None:
+        for name, field in type(section).model_fields.items():
+            if field.description:
+                found[(*where, name)] = field.description
+            value = getattr(section, name)
+            if isinstance(value, BaseModel):
+                walk(value, (*where, name))
+            elif isinstance(value, list):
+                for index, item in enumerate(value):
+                    if isinstance(item, BaseModel):
+                        walk(item, (*where, name, index))
+
+    def helps(config_class: type | None, where: tuple) -> None:
+        for field in dataclasses.fields(config_class) if config_class else ():
+            text = field.metadata.get("help")
+            if text:
+                found[(*where, field.name)] = text
+
+    walk(recipe, ())
+    for index, stage in enumerate(recipe.stages):
+        spec = _stage(stage.trainer, f"stages.{index}.trainer")
+        helps(spec.config_class, ("stages", index, "args"))
+        data = recipe.stage_data(index)
+        if data is not None:
+            walk(data, ("stages", index, "data"))
+    helps(get_adapter(recipe.adapter.method).config_class, ("adapter", "args"))
+    return found
+
+
 def all_stage_fields(recipe: Recipe, index: int) -> dict[str, Any]:
     """Every field of the stage's TRL config with the value the stage will use (for `recipe show --all`)."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -370,5 +483,5 @@ def all_stage_fields(recipe: Recipe, index: int) -> dict[str, Any]:
     return values
 
 
-__all__ = ["Recipe", "STAGE_DEFAULTS", "apply_override", "closest", "dump_yaml", "load_recipe", "parse_value",
-           "recipe_needs", "recipe_schema"]
+__all__ = ["Recipe", "STAGE_DEFAULTS", "apply_override", "closest", "dump_yaml", "dump_yaml_with_comments",
+           "field_descriptions", "load_recipe", "parse_value", "recipe_needs", "recipe_schema"]

@@ -22,17 +22,50 @@ from llmrec.schema import Section
 
 
 class _Dumper(yaml.SafeDumper):
-    """Writes multi-line strings (prompt templates) as literal blocks, the way people write them."""
+    """Writes multi-line strings (prompt templates) as literal blocks, the way people write them, and strings of
+    whitespace only (a separator "\n") in double quotes, where they are visible."""
+
+
+def _string_style(text: str) -> str | None:
+    if "\n" in text:
+        return "|" if text.strip() else '"'
+    return None
 
 
 _Dumper.add_representer(
-    str,
-    lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None),
+    str, lambda dumper, text: dumper.represent_scalar("tag:yaml.org,2002:str", text, style=_string_style(text))
 )
 
 
 def dump_yaml(obj: Any) -> str:
     return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
+
+
+def dump_yaml_with_comments(obj: dict, comments: dict[tuple, str], width: int = 116) -> str:
+    """`obj` as block YAML with `comments[key path]` written as `# ...` lines above each key (wrapped at `width`)."""
+    import textwrap
+
+    def lines_of(mapping: dict, where: tuple, indent: str) -> list[str]:
+        out = []
+        for key, value in mapping.items():
+            path = (*where, key)
+            note = comments.get(path)
+            if note:
+                out += [f"{indent}# {line}" for line in textwrap.wrap(" ".join(note.split()), width - len(indent) - 2)]
+            if isinstance(value, dict) and value:
+                out += [f"{indent}{key}:", *lines_of(value, path, indent + "  ")]
+            elif isinstance(value, list) and value and all(isinstance(v, dict) and v for v in value):
+                out.append(f"{indent}{key}:")
+                for index, item in enumerate(value):
+                    item_lines = lines_of(item, (*path, index), indent + "  ")
+                    first = next(i for i, line in enumerate(item_lines) if not line.lstrip().startswith("#"))
+                    item_lines[first] = f"{indent}- {item_lines[first][len(indent) + 2:]}"
+                    out += item_lines
+            else:
+                out += [indent + line for line in dump_yaml({key: value}).rstrip("\n").split("\n")]
+        return out
+
+    return "\n".join(lines_of(obj, (), "")) + "\n"
 
 
 # --- YAML with line numbers ------------------------------------------------------------------------------------

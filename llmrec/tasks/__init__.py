@@ -106,8 +106,10 @@ class Task(abc.ABC):
     def evaluate(self, model, tokenizer, data, split: str) -> tuple[dict, list[dict]]:
         """(metrics keyed `<split>/<metric>` and `baseline/...`, one prediction row per evaluated example)."""
 
-    def recommend(self, model, tokenizer, data, user: str, k: int) -> str:
-        """The top-k items for one user, as text (tasks that rank items)."""
+    def recommend(self, model, tokenizer, data, k: int, user: str | None = None,
+                  history: list[str] | None = None) -> dict:
+        """The top-k items for a user of the run or for a history of items (tasks that rank items):
+        {"user", "history": [{"item_id", "title"}], "ranked": [{"rank", "item_id", "title", "logprob"}]}."""
         raise LLMRecError(f"this run is evaluated on eval.task: {self.name}, it does not rank items; use `llmrec "
                           "eval`.", "eval.task")
 

@@ -7,7 +7,7 @@ trains on prompt -> label word; the interactions are loaded but not used.
 
 Evaluation reads the class off the logits of each label word's first token after the prompt
 (`llmrec.eval.classification`). Metric keys, per split (test and valid only): `<split>/accuracy`, `<split>/rows`, and
-the majority-class baseline `baseline/majority/accuracy` (test) or `baseline/majority/<split>/accuracy`.
+the majority-class baseline `baseline/majority/<split>/accuracy`.
 Predictions hold each row's label, predicted class and the softmax over the label words.
 """
 

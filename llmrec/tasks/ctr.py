@@ -7,8 +7,8 @@ same rows as prompt -> answer completions (TALLRec's instruction tuning).
 Evaluation scores every row of a split by p(Yes) = σ(logit_yes − logit_no) at the answer position
 (`llmrec.eval.ctr`). Metric keys, per split: `<split>/auc`, `<split>/uauc` (mean per-user AUC over the
 `<split>/uauc_users` users with both classes), `<split>/logloss`, `<split>/rows`, `<split>/positive_rate`; baselines
-`baseline/popularity/auc|uauc|uauc_users` (training interactions of the item) and, for a CoRA model,
-`baseline/cf/...` (its CF model alone), on the test split (`baseline/<name>/<split>/...` on the others).
+`baseline/popularity/<split>/auc|uauc|uauc_users` (training interactions of the item) and, for a CoRA model,
+`baseline/cf/<split>/...` (its CF model alone).
 """
 
 from __future__ import annotations

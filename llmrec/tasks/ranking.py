@@ -9,7 +9,8 @@ excluded when `eval.exclude_history` (the baselines exclude them too, on the sam
 `<split>/hr@K`, `<split>/ndcg@K`, `<split>/over_rec@K` (share of top-K slots taken by the three most recommended
 items) for K in `eval.ks`, `<split>/targets`, `<split>/catalog_items`, `<split>/valid_item_ratio` (greedy,
 unconstrained generations that are exactly a title), and the baselines' `hr@K`, `ndcg@K`, `over_rec@K` under
-`baseline/<popularity|random>/` (test) or `baseline/<name>/<split>/`. The `ood_popularity` targets are a
+`baseline/<popularity|random>/<split>/`. Predictions: per target, the ranked items with their log-probabilities
+and `target_rank` (1-based, null when the target is not among them). The `ood_popularity` targets are a
 popularity-shifted draw of the test targets (`data.shifts`); the other OOD splits are held-out interactions.
 """
 
@@ -121,38 +122,38 @@ every recommendation is a real item."""
                 "user_id": t.user_id,
                 "target": t.item_id,
                 "target_title": titles[t.item_id],
+                "target_rank": ranking.index(t.item_id) + 1 if t.item_id in ranking else None,
                 "ranked": [{"item_id": item, "title": titles[item], "logprob": round(score, 4)}
                            for item, score in row],
             }
-            for t, row in zip(targets, ranked)
+            for t, row, ranking in zip(targets, ranked, rankings)
         ]
         return metrics, predictions
 
-    def recommend(self, model, tokenizer, data, user: str, k: int) -> str:
+    def recommend(self, model, tokenizer, data, k: int, user: str | None = None,
+                  history: list[str] | None = None) -> dict:
+        """The top k of the ranking evaluation computes (`eval.num_beams` beams, at least k, so a shorter list is
+        the start of a longer one) for a user of the run, or for a history of item ids or titles (a new user)."""
         from llmrec.data.tasks import format_prompt
-        from llmrec.errors import LLMRecError, did_you_mean
         from llmrec.eval.ranking import build_trie, rank_with_model
 
         recipe = self.recipe
-        sequences = data.user_sequences()
-        if user not in sequences:
-            raise LLMRecError(
-                f"user {user!r} has no interactions in this run's data ({len(sequences)} users, e.g. "
-                f"{', '.join(list(sequences)[:3])}).{did_you_mean(user, sequences)}",
-                "--user",
-            )
-        history = [item for item, _ in sequences[user]]
+        if history is None:
+            history = _user_history(data, user)
+        else:
+            history = [_item_of(data, item) for item in history]
         trie = build_trie(tokenizer, data, recipe.data.task)
-        beams = min(k, trie.available(trie.banned_counts(history) if recipe.eval.exclude_history else None))
-        prompt = format_prompt(recipe.data.task, history, data.titles)
         excluded = [history] if recipe.eval.exclude_history else None
+        beams = min(max(k, recipe.eval.beams), trie.available(trie.banned_counts(history) if excluded else None))
+        prompt = format_prompt(recipe.data.task, history, data.titles)
         ranked = rank_with_model(model, tokenizer, trie, [prompt], excluded, beams, 1, progress=False)[0]
         titles = data.titles
-        lines = [f"user {user}: {len(history)} interactions; last: {titles[history[-1]]}",
-                 f"{'rank':>4}  {'item_id':<12} {'log-prob':>9}  title"]
-        lines += [f"{rank:>4}  {item:<12} {score:>9.3f}  {titles[item]}"
-                  for rank, (item, score) in enumerate(ranked[:k], 1)]
-        return "\n".join(lines)
+        return {
+            "user": user,
+            "history": [{"item_id": item, "title": titles[item]} for item in history],
+            "ranked": [{"rank": rank, "item_id": item, "title": titles[item], "logprob": round(score, 4)}
+                       for rank, (item, score) in enumerate(ranked[:k], 1)],
+        }
 
     # --- reports -------------------------------------------------------------------------------------------------
 
@@ -254,3 +255,35 @@ def interactions_line(recipe, data) -> str:
     counts = f"{stats['users']} users, {stats['items']} items, {stats['interactions']} interactions"
     return f"""- **Data:** {stats['name']} — {counts};
   split {describe_split(recipe.data.split)}{shifted}; prompts show the last {recipe.data.task.history_length} items."""
+
+
+def _user_history(data, user: str) -> list[str]:
+    from llmrec.errors import LLMRecError, did_you_mean
+
+    sequences = data.user_sequences()
+    if user not in sequences:
+        raise LLMRecError(
+            f"user {user!r} has no interactions in this run's data ({len(sequences)} users, e.g. "
+            f"{', '.join(list(sequences)[:3])}).{did_you_mean(user, sequences)} For a new user, give their items "
+            "with --history.",
+            "--user",
+        )
+    return [item for item, _ in sequences[user]]
+
+
+def _item_of(data, text: str) -> str:
+    """The item a catalog id or title names (a title matched exactly, then ignoring case)."""
+    from llmrec.errors import LLMRecError, did_you_mean
+
+    titles = data.titles
+    if text in titles:
+        return text
+    for same in (lambda title: title == text, lambda title: title.casefold() == text.casefold()):
+        found = [item for item, title in titles.items() if same(title)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise LLMRecError(f"the title {text!r} names {len(found)} items ({', '.join(found[:5])}); give the item "
+                              "id instead.", "--history")
+    raise LLMRecError(f"{text!r} is neither an item id nor a title of this run's catalog ({len(titles)} items, e.g. "
+                      f"{', '.join(list(titles)[:3])}).{did_you_mean(text, [*titles, *titles.values()])}", "--history")
