@@ -20,17 +20,9 @@ from collections import Counter
 import torch
 
 from llmrec.data import next_item_examples
+from llmrec.eval.metrics import normalised_mutual_information
 from llmrec.rundir import load_trained
 from llmrec.trainers.causal_dpo import EnvironmentHead, _backbone
-
-
-def normalised_mutual_information(a: list[int], b: list[int]) -> float:
-    n = len(a)
-    joint, left, right = Counter(zip(a, b)), Counter(a), Counter(b)
-    mutual = sum(c / n * math.log(c * n / (left[x] * right[y])) for (x, y), c in joint.items())
-    entropy = lambda counts: -sum(c / n * math.log(c / n) for c in counts.values())  # noqa: E731
-    denominator = math.sqrt(entropy(left) * entropy(right))
-    return mutual / denominator if denominator > 0 else 0.0
 
 
 @torch.no_grad()

@@ -7,7 +7,9 @@
 
 The recipe is a two-stage CausalDPO recipe (SFT, then causal_dpo). For each seed the script trains the SFT stage
 once (an SFT-only run: the SFT row of the table), then runs the second stage with each preference trainer from a
-copy of that SFT stage's result, so every method starts from the same model and sees the same rows. Arguments
+copy of that SFT stage's result, so every method starts from the same model and sees the same rows. Pairwise DPO
+expands a target's J negatives into J rows; its batch is J times larger, so it takes the same number of optimizer
+steps as softmax DPO and CausalDPO and each step sees the same negatives. Arguments
 that only one trainer's config has (CausalDPO's environment settings, softmax DPO's clamp) are dropped for the
 others. A `--variant LABEL key=value ...` runs CausalDPO again with overrides (another λ, known environments) as the
 row `causal_dpo[LABEL]`, reusing the SFT runs. Results accumulate in <output>/<title slug>/results.json across
@@ -60,6 +62,12 @@ def method_recipe(resolved: dict, method: str, seed: int, name: str, output: Pat
     fields = {f.name for f in dataclasses.fields(get_stage(method, "method").config_class)}
     preference["trainer"] = method
     preference["args"] = {k: v for k, v in preference["args"].items() if k in fields}
+    if method == "dpo":
+        # pairwise DPO sees each of a target's J negatives as its own row: J times the rows per batch keeps the number
+        # of optimizer steps (and the negatives each step sees) equal to the multi-negative trainers'
+        negatives = preference.get("data", {}).get("negatives", 1)
+        preference["args"]["per_device_train_batch_size"] = preference["args"].get("per_device_train_batch_size", 8) \
+            * negatives
     return recipe
 
 

@@ -1,6 +1,8 @@
 """Test-time RL on the arithmetic world: accuracy before and after flat TTRL and ECHO, over several seeds.
 
     python scripts/compare_echo.py --seeds 0 1 2 --benchmarks BENCHMARKS.md
+    python scripts/compare_echo.py --seeds 0 1 2 3 4 5 6 7 --set data.reasoning.solution_order=any \
+        --output runs/compare-echo-paths --title "..." --benchmarks BENCHMARKS.md
 
 For each seed: the SFT stage of the ECHO recipe is run alone and evaluated (the "before" row); then each
 test-time RL recipe (flat TTRL, ECHO, and any --variant) starts from that same SFT model (its stage folder is copied
@@ -51,7 +53,9 @@ def _row(run: Path, seconds: float) -> dict:
     return row
 
 
-def run_seed(seed: int, methods: dict[str, tuple[str, list[str]]], output: Path, log: Path) -> dict[str, dict]:
+def run_seed(seed: int, methods: dict[str, tuple[str, list[str]]], output: Path, log: Path,
+             common: list[str] = ()) -> dict[str, dict]:
+    """The SFT model of `seed` and every method's test-time RL from it; `common` overrides apply to every run."""
     sft_name = f"sft-s{seed}"
     raw = yaml.safe_load(Path(METHODS["echo"]).read_text())
     raw["stages"] = raw["stages"][:1]
@@ -59,7 +63,7 @@ def run_seed(seed: int, methods: dict[str, tuple[str, list[str]]], output: Path,
     sft_recipe = output / f"{sft_name}.yaml"
     sft_recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     trained_before = (output / sft_name / "metrics.json").is_file()
-    rows = {"sft": _row(output / sft_name, _train(sft_recipe, [], log))}
+    rows = {"sft": _row(output / sft_name, _train(sft_recipe, list(common), log))}
     if trained_before:  # it only reloaded the finished run
         del rows["sft"]["seconds"]
     print(f"seed {seed} sft: {rows['sft']}", flush=True)
@@ -70,10 +74,27 @@ def run_seed(seed: int, methods: dict[str, tuple[str, list[str]]], output: Path,
             for part in ("base", "checkpoints/stage0-sft"):
                 if (output / sft_name / part).is_dir():
                     shutil.copytree(output / sft_name / part, run / part, dirs_exist_ok=True)
-        seconds = _train(recipe, [f"run.seed={seed}", f"run.name={name}", f"run.output_dir={output}", *overrides], log)
+        seconds = _train(recipe, [f"run.seed={seed}", f"run.name={name}", f"run.output_dir={output}", *common,
+                                  *overrides], log)
         rows[label] = _row(run, seconds)
         print(f"seed {seed} {label}: {rows[label]}", flush=True)
     return rows
+
+
+# t quantiles t_{0.975, df}: the half-width of a 95% confidence interval is t * sd / sqrt(n), df = n - 1
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}
+
+
+def confidence_interval(values: list[float], digits: int = 3) -> str:
+    """The mean and its 95% confidence interval (Student's t over the seeds' paired differences)."""
+    if len(values) < 2:
+        return "–"
+    mean, spread = statistics.mean(values), statistics.stdev(values)
+    df = len(values) - 1
+    t = T_975.get(df) or T_975[max(k for k in T_975 if k <= df)]
+    half = t * spread / len(values) ** 0.5
+    return f"{mean:+.{digits}f} [{mean - half:+.{digits}f}, {mean + half:+.{digits}f}]"
 
 
 def _stat(values: list[float], digits: int = 3) -> str:
@@ -89,6 +110,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     labels = list(next(iter(results.values())))
     columns = [("mean@16", "mean_accuracy", 3), ("Δ mean@16", "delta_mean", 3), ("maj@16", "majority_accuracy", 3),
                ("Δ maj@16", "delta_majority", 3), ("pass@16", "pass_accuracy", 3),
+               ("Δ mean@16, 95% CI", "ci_mean", 3), ("Δ maj@16, 95% CI", "ci_majority", 3),
                ("RL decoded tokens / question", "rollout/decoded_tokens_per_question", 1),
                ("pseudo-label = label", "ttrl/label_agreement", 3), ("majority share", "ttrl/majority_share", 3),
                ("forks / question", "rollout/forks_per_question", 2),
@@ -98,11 +120,17 @@ def table(results: dict[str, dict[str, dict]]) -> str:
             row["delta_mean"] = row["mean_accuracy"] - seed["sft"]["mean_accuracy"]
             row["delta_majority"] = row["majority_accuracy"] - seed["sft"]["majority_accuracy"]
     lines = ["| system | " + " | ".join(c[0] for c in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
+    paired = {"ci_mean": "delta_mean", "ci_majority": "delta_majority"}
     for label in labels:
-        cells = [_stat([seed[label][key] for seed in results.values() if key in seed[label]], digits)
-                 for _, key, digits in columns]
+        cells = []
+        for _, key, digits in columns:
+            source = paired.get(key, key)
+            values = [seed[label][source] for seed in results.values() if source in seed[label]]
+            cells.append((confidence_interval if key in paired else _stat)(values, digits))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nSeeds: {', '.join(map(str, results))} (mean ± standard deviation over seeds)."
+    return "\n".join(lines) + (f"\n\nSeeds: {', '.join(map(str, results))} (mean ± standard deviation over seeds; the "
+                               "CI columns: the mean paired change against the seed's SFT model and its 95% "
+                               "confidence interval, Student's t).")
 
 
 def main() -> None:
@@ -115,6 +143,8 @@ def main() -> None:
     parser.add_argument("--only-variants", action="store_true", help="run the variants alone (not ttrl and echo)")
     parser.add_argument("--benchmarks", type=Path)
     parser.add_argument("--title", default="Test-time RL on the arithmetic world: flat TTRL vs ECHO")
+    parser.add_argument("--set", dest="common", action="append", default=[], metavar="key=value",
+                        help="an override for every run, the SFT model's too (e.g. data.reasoning.solution_order=any)")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     methods = {} if args.only_variants else {label: (recipe, []) for label, recipe in METHODS.items()}
@@ -125,7 +155,7 @@ def main() -> None:
     results = json.loads(store.read_text()) if store.is_file() else {}
     for seed in args.seeds:
         earlier = results.get(str(seed), {})
-        fresh = run_seed(seed, methods, args.output, args.output / "log.txt")
+        fresh = run_seed(seed, methods, args.output, args.output / "log.txt", args.common)
         if "sft" in earlier and "seconds" not in fresh["sft"]:
             fresh["sft"] = earlier["sft"]
         results[str(seed)] = {**earlier, **fresh}

@@ -1,9 +1,11 @@
 """Federated LoRA on the tiny instruction world: every aggregation rule, several seeds and learning rates.
 
     python scripts/compare_federated.py --seeds 0 1 2 --learning-rates 1e-3 3e-3 --benchmarks BENCHMARKS.md
+    python scripts/compare_federated.py --rules fedlora_opt --label offset --set adapter.args.init_offset=true ...
 
 Runs `llmrec federate recipes/fedlora/<rule>-tiny.yaml` (FedLoRA-Optimizer: tiny.yaml) for each rule, seed and
-learning rate, one process each, after the shared base model (`recipes/fedlora/pretrain-tiny.yaml`). A seed
+learning rate, one process each (`--label` names a variant made by `--set` overrides: its rows are
+`<rule>+<label>`), after the shared base model (`recipes/fedlora/pretrain-tiny.yaml`). A seed
 changes the world's facts and rows, the Dirichlet partition, the adapter's initialisation and the data order; the
 base model stays the same. Results accumulate in <output>/results.json; the tables (mean ± std over seeds of the
 last round's pooled global and local exact match and loss, and bytes per round) are printed and, with
@@ -61,7 +63,11 @@ def table(results: dict) -> str:
     lines = ["| rule | lr | global EM | local EM | global loss | local loss | MB up / round | "
              "MB down / round | s / run |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(results, key=lambda k: (list(RECIPES).index(k.split("@")[0]), float(k.split("@")[1]))):
+    def order(key: str):
+        rule, lr = key.split("@")
+        return list(RECIPES).index(rule.split("+")[0]), rule, float(lr)
+
+    for key in sorted(results, key=order):
         rule, lr = key.split("@")
         seeds = results[key]
         column = {name: [row[name] for row in seeds.values()] for name in next(iter(seeds.values()))}
@@ -83,6 +89,7 @@ def main() -> None:
     parser.add_argument("--learning-rates", nargs="+", default=["1e-3", "3e-3"])
     parser.add_argument("--rules", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
+    parser.add_argument("--label", help="the variant the --set overrides make: its rows are <rule>+<label>")
     parser.add_argument("--output", type=Path, default=Path("runs/compare-federated"))
     parser.add_argument("--benchmarks", type=Path, help="write the table into this Markdown file")
     parser.add_argument("--table-only", action="store_true", help="run nothing: print (and write) the table")
@@ -97,7 +104,8 @@ def main() -> None:
         for seed in args.seeds:
             for rule in args.rules:
                 for lr in args.learning_rates:
-                    key, name = f"{rule}@{lr}", f"{rule}-lr{lr}-s{seed}"
+                    row = f"{rule}+{args.label}" if args.label else rule
+                    key, name = f"{row}@{lr}", f"{row.replace('+', '-')}-lr{lr}-s{seed}"
                     if str(seed) in results.get(key, {}):
                         continue
                     overrides = [f"run.name={name}", f"run.seed={seed}", f"run.output_dir={args.output}",

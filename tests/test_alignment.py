@@ -14,8 +14,15 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from llmrec.errors import LLMRecError
+from llmrec.eval.metrics import normalised_mutual_information
 from llmrec.models.tiny import build_tiny_model, train_tokenizer
-from llmrec.trainers.causal_dpo import CausalDPOConfig, CausalDPOTrainer, EnvironmentHead, weighted_mmd2
+from llmrec.trainers.causal_dpo import (
+    CausalDPOConfig,
+    CausalDPOTrainer,
+    EnvironmentHead,
+    environment_loss,
+    weighted_mmd2,
+)
 from llmrec.trainers.softmax_dpo import SoftmaxDPOConfig, SoftmaxDPOTrainer
 
 TITLES = ["Golden River", "Silent Road", "Wild Jazz", "Quiet Garden", "Frozen Empire", "Lost Letters",
@@ -164,21 +171,25 @@ def test_causal_dpo_with_one_environment_and_no_penalty_is_softmax_dpo(tokenizer
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-5, atol=1e-8, msg=name)
 
 
-def test_environment_head_trains_and_reloads_with_identical_memberships(tokenizer, base, tmp_path):
+def test_environment_head_refits_and_reloads_with_identical_memberships(tokenizer, base, tmp_path):
     args = _args(CausalDPOConfig, tmp_path, num_environments=2, invariance_weight=0.1, max_steps=3, learning_rate=5e-3,
-                 environment_init_samples=6, backdoor_prior="marginal")
-    trainer = CausalDPOTrainer(_policy(base), args=args, train_dataset=_multi(), processing_class=tokenizer)
+                 environment_init_samples=6, backdoor_prior="marginal", environment_refit_steps=1)
+    rows = _multi(environment=[0, 1, 0, 1, 0, 1])  # true environments: logged against, not used (mode inferred)
+    trainer = CausalDPOTrainer(_policy(base), args=args, train_dataset=rows, processing_class=tokenizer)
     head = trainer.environment_head
+    assert not list(head.parameters())  # nothing for the optimizer: the loss does not choose environments
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    assert head.membership_count == 6  # the initialisation pass over the training prompts
+    assert head.membership_count == 6 and head.pool_seen == 6  # the initialisation pass over the training prompts
     trainer.train()
     after = head.state_dict()
-    assert not torch.equal(before["projection.weight"], after["projection.weight"])
-    assert not torch.equal(before["centres"], after["centres"])
+    assert torch.equal(before["weight"], after["weight"]) and torch.equal(before["bias"], after["bias"])  # g fixed
+    assert not torch.equal(before["centres"], after["centres"])  # refitted on the policy's moving states
     assert head.membership_count == 6 + 3 * 4 - 2  # 3 steps over 6 rows in batches of 4: 4 + 2 + 4
+    assert head.pool_seen == 6 + 10
     logged = trainer.state.log_history[0]
-    assert {"loss/backdoor", "loss/invariance", "environment/0/mass", "environment/1/mass",
+    assert {"loss/backdoor", "loss/invariance", "environment/0/mass", "environment/1/mass", "environment/nmi",
             "rewards/accuracies"} <= logged.keys()
+    assert 0 <= logged["environment/nmi"] <= 1
 
     trainer.save_model(str(tmp_path / "saved"))
     assert {"environment_head.safetensors", "environment_head.json", "adapter_model.safetensors"} <= {
@@ -211,6 +222,68 @@ def test_known_environments_take_memberships_from_the_column(tokenizer, base, tm
     assert logged_backdoor == pytest.approx(backdoor.item(), rel=1e-5)
     assert logged_penalty > 0
     assert loss.item() == pytest.approx(backdoor.item() + 0.001 * logged_penalty, rel=1e-5)
+
+
+def _two_environments(rows: int = 3200, hidden: int = 32, seed: int = 0):
+    """States of two well-separated environments, and a per-row loss that one other state direction predicts (the
+    setting in which environments trained by the loss collapsed onto the lowest-loss rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(rows) % 2
+    axis, loss_axis = torch.zeros(hidden), torch.zeros(hidden)
+    axis[0], loss_axis[1] = 3.0, 1.0
+    states = torch.randn(rows, hidden, generator=generator) + (2 * labels - 1).unsqueeze(1).float() * axis
+    return states, labels, loss_axis
+
+
+@pytest.mark.parametrize("invariance", ["mmd", "vrex"])
+def test_training_under_the_causal_dpo_loss_keeps_the_inferred_environments(invariance):
+    states, labels, loss_axis = _two_environments()
+    head = EnvironmentHead(states.shape[1], 8, 2, 1.0, pool_size=512)
+    generator = torch.Generator().manual_seed(0)
+    head.fit(states[torch.randperm(len(states), generator=generator)[:512]], generator)
+
+    def nmi_and_masses():
+        with torch.no_grad():
+            memberships = head(policy_states)
+        assigned = memberships.argmax(dim=1).tolist()
+        masses = torch.bincount(memberships.argmax(dim=1), minlength=2).float() / len(states)
+        return normalised_mutual_information(assigned, labels.tolist()), masses
+
+    # the policy's states are trainable, as the policy's are: the loss may move them, but not choose environments
+    policy_states = torch.nn.Parameter(states.clone())
+    initial, _ = nmi_and_masses()
+    assert initial > 0.6
+    optimiser = torch.optim.Adam([policy_states, *head.parameters()], lr=5e-4)
+    for step in range(1, 301):
+        batch = torch.randint(len(states), (16,), generator=generator)
+        rows = policy_states[batch]
+        per_row_loss = torch.nn.functional.softplus(rows @ loss_axis)
+        memberships = head(rows)
+        loss, *_ = environment_loss(per_row_loss, memberships, torch.ones(2), invariance, 0.1, per_row_loss, None)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        head.remember(head.embed(rows.detach()))
+        if step % 50 == 0:
+            head.refit()
+    final, masses = nmi_and_masses()
+    assert final >= 0.9 * initial, (initial, final)
+    assert masses.min() >= 0.2, masses
+
+
+def test_environment_loss_is_the_prior_weighted_risk_plus_the_penalty():
+    per_row = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    memberships = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    loss, backdoor, penalty, risks, mass, present = environment_loss(
+        per_row, memberships, torch.tensor([1.0, 3.0]), "vrex", 0.5, per_row, None)
+    torch.testing.assert_close(risks, torch.tensor([(1 + 2 + 3) / 2.5, (3 + 3) / 1.5]))
+    torch.testing.assert_close(backdoor, 0.25 * risks[0] + 0.75 * risks[1])
+    torch.testing.assert_close(penalty, risks.var(unbiased=False))
+    torch.testing.assert_close(loss, backdoor + 0.5 * penalty)
+    assert mass.tolist() == [2.5, 1.5] and present.tolist() == [True, True]
+    weights, losses = memberships.clone().requires_grad_(True), per_row.clone().requires_grad_(True)
+    environment_loss(losses, weights, torch.ones(2), "mmd", 1.0, losses, None)[0].backward()
+    assert weights.grad is None and losses.grad.abs().sum() > 0  # memberships are taken as given; the losses train
 
 
 def test_weighted_mmd_is_zero_for_equal_weights_and_positive_otherwise():
@@ -289,7 +362,8 @@ def test_pairwise_dpo_recipe_with_the_models_own_hard_negatives(tmp_path):
 def test_causal_dpo_resumes_its_environment_head_from_a_checkpoint(tokenizer, base, tmp_path):
     def trainer(folder, **extra):
         settings = dict(num_environments=2, invariance_weight=0.1, max_steps=4, learning_rate=5e-3,
-                        environment_init_samples=6, save_strategy="steps", save_steps=2, per_device_train_batch_size=2)
+                        environment_init_samples=6, save_strategy="steps", save_steps=2, per_device_train_batch_size=2,
+                        environment_refit_steps=1)
         args = _args(CausalDPOConfig, folder, **{**settings, **extra})
         return CausalDPOTrainer(_policy(base), args=args, train_dataset=_multi(), processing_class=tokenizer)
 
@@ -307,6 +381,7 @@ def test_causal_dpo_resumes_its_environment_head_from_a_checkpoint(tokenizer, ba
     for name, value in straight.environment_head.state_dict().items():
         torch.testing.assert_close(resumed.environment_head.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert resumed.environment_head.membership_count == straight.environment_head.membership_count
+    assert resumed.environment_head.pool_seen == straight.environment_head.pool_seen
     torch.testing.assert_close(resumed.environment_head.marginal(), straight.environment_head.marginal())
 
 

@@ -226,3 +226,48 @@ def test_summaries_need_their_evaluation_and_data_stats_describe_the_users(tmp_p
     result = run_cli("data", "stats", str(write_recipe(tmp_path / "b.yaml", recipe)))
     assert result.returncode == 0, result.stderr
     assert "train users: 8 (16-16 behaviours each)" in result.stdout and "Past preference summary" in result.stdout
+
+
+def test_the_trainer_replaces_trls_advantages_with_per_stage_ones(tmp_path):
+    """Two users, two stages of two outputs each: the advantages the loss receives are normalised within each stage
+    (from the streaming-coupled rewards), not over the four outputs of a user together as TRL's would be."""
+    from datasets import Dataset
+
+    from llmrec.models.tiny import build_tiny_model, train_tokenizer
+    from llmrec.trainers.alignxplore import AlignXploreTrainer
+
+    users = persona_world(BehaviourDataConfig(num_users=4, behaviours_per_user=12), seed=0)[:2]
+    rows = []  # as the stage builds them (trainers.alignxplore.rl_datasets)
+    for user in users:
+        part1, part2, part3 = user.parts()
+        rows.append({"prompt": format_prompt(None, part1), "part2": json.dumps([b.__dict__ for b in part2]),
+                     "target1": json.dumps(part2[0].__dict__), "target2": json.dumps(part3[0].__dict__)})
+    tokenizer = train_tokenizer([r["prompt"] for r in rows] * 5, 400)
+    model = build_tiny_model("tiny:qwen2-xs", tokenizer, seed=0)
+    args = AlignXploreConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                             per_device_train_batch_size=8, num_generations=4, max_completion_length=4,
+                             max_steps=1, seed=0, streaming_lambda=0.9, unpicked_scale=0.5)
+    trainer = AlignXploreTrainer(model, judge=RuleJudge(), args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tokenizer)
+    # scripted judge rewards, one pair per call, in the rollout's order: stage 1 of A and B, then stage 2 of A and B
+    scripted = iter([[1.0, 0.0], [0.9, 0.1], [0.2, 0.8], [0.0, 0.6]])
+    trainer._score = lambda texts, target: (next(scripted), [None] * len(texts))
+    rollouts = []
+    original = trainer.summary_rollout
+    trainer.summary_rollout = lambda prompts: rollouts.append(original(prompts)) or rollouts[-1]
+    batch = next(iter(trainer.get_train_dataloader()))
+    output = trainer._generate_and_score_completions(batch)
+
+    rewards = rollouts[0]["reward"]
+    assert len(rewards) == 8 and rewards[2:4] == [0.2, 0.8] and rewards[6:8] == [0.0, 0.6]  # stage 2 as judged
+    for stage1, scored, stage2 in ((rewards[0:2], [1.0, 0.0], [0.2, 0.8]), (rewards[4:6], [0.9, 0.1], [0.0, 0.6])):
+        bonus = 0.9 * sum(stage2) / 2  # the picked stage-1 summary gets λ·mean(stage 2), the other half of it
+        assert sorted(round(r - s, 6) for r, s in zip(stage1, scored)) == sorted([round(bonus, 6),
+                                                                                  round(0.5 * bonus, 6)])
+    expected, joint = [], []
+    for user in range(2):
+        group = rewards[4 * user: 4 * user + 4]
+        expected += group_advantages(group[:2]) + group_advantages(group[2:])
+        joint += group_advantages(group)
+    torch.testing.assert_close(output["advantages"].double(), torch.tensor(expected, dtype=torch.float64))
+    assert not torch.allclose(torch.tensor(expected), torch.tensor(joint), atol=1e-3)  # the two normalisations differ

@@ -74,6 +74,29 @@ def test_arithmetic_world_is_deterministic_balanced_and_correct():
         assert str(value) == answer == extract_answer(solution)
 
 
+def test_any_order_solutions_are_valid_alternative_paths_to_the_same_answer():
+    import re
+
+    config = ReasoningTaskConfig(train_size=400, valid_size=0, test_size=0, levels=[2, 3], solution_order="any")
+    rows = reasoning_examples(config, "train", 0)
+    orders = set()
+    for question, solution, answer in zip(rows["prompt"], rows["completion"], rows["answer"]):
+        start = int(re.search(r"has (\d+)", question).group(1))
+        changes = [int(n) if sign == "+" else -int(n) for sign, n in re.findall(r"([+-]) (\d+) =", solution)]
+        asked = [int(n) if verb in ("finds", "buys", "gets", "wins") else -int(n)
+                 for verb, n in re.findall(r"(finds|buys|gets|wins|gives away|loses|sells|uses) (\d+)", question)]
+        assert sorted(changes) == sorted(asked)  # the question's operations, in some order
+        running = start
+        for step in re.findall(r"(\d+) [+-] \d+ = (\d+)\.", solution):
+            assert int(step[0]) == running and int(step[1]) >= 0  # each step continues the last, never negative
+            running = int(step[1])
+        assert running == int(answer) and solution.endswith(f"#### {answer}")
+        orders.add(changes != asked)
+    assert orders == {True, False}  # some solutions take another order than the question's, some do not
+    given = reasoning_examples(config.model_copy(update={"solution_order": "given"}), "train", 0)
+    assert given["completion"] != rows["completion"]
+
+
 def test_hybrid_advantage_and_adaptive_clip_arithmetic():
     args = ECHOConfig(**_cpu_args())
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])

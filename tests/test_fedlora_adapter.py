@@ -157,6 +157,37 @@ def test_the_exported_peft_lora_adapter_gives_the_fedlora_logits_and_generations
         FedLoRAModel.from_pretrained(copy.deepcopy(base), folder)
 
 
+def test_the_offset_initialisation_starts_at_the_base_model_trains_every_tensor_and_exports_exactly(
+        tokenizer, base, tmp_path):
+    from peft import PeftModel
+
+    model = _fedlora(base, init_offset=True, target_modules="attention")
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, base(**batch).logits, rtol=0, atol=1e-5)
+    layer = model.fedlora_layers[0]
+    assert layer.lora_A().abs().sum() > 0 and layer.lora_B().abs().sum() > 0  # ΔW ≠ 0, offset by B₀A₀
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    for name in model.adapter_names:  # every tensor has a gradient from the first step
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+    model.zero_grad()
+    _train(model, tokenizer)
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "initial_factors.safetensors").is_file()
+    loaded = FedLoRAModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter").eval()
+    model.requires_grad_(False)
+    folder = model.to_peft_lora(tmp_path / "lora", base_model_name_or_path="tiny-base")
+    stock = PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+    assert (stock.peft_config["default"].r, stock.peft_config["default"].lora_alpha) == (8, 16.0)  # rank 2r, α / r
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)  # training moved it
+        torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(stock(**batch).logits, expected, rtol=0, atol=1e-5)
+
+
 def test_materialised_lora_is_keyed_by_module_name_and_gives_the_weight_increment(base):
     model = _fedlora(base, init_a_magnitude=0.5, target_modules="qv")
     lora = model.materialised_lora()
@@ -241,6 +272,7 @@ def test_the_registry_attach_is_deterministic_under_a_seed_and_load_restores_sav
     ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
     ({"init_a_magnitude": float("nan")}, "must be finite numbers"),
     ({"init_a_magnitude": 0.0, "init_b_magnitude": 0.0}, "cannot both be 0"),
+    ({"init_offset": True, "init_b_magnitude": 0.0}, "init_offset needs a non-zero init_b_magnitude"),
     ({"eps": 0.0}, "eps must be positive"),
     ({"task_type": "SEQ_CLS"}, "causal language models only"),
 ])

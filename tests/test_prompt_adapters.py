@@ -113,6 +113,56 @@ def test_at_initialisation_ept_is_vanilla_prompt_tuning_with_its_short_prompt(to
     torch.testing.assert_close(ept, vanilla)
 
 
+def test_a_trained_ept_prompt_and_its_offsets_follow_the_equations(tokenizer, base):
+    """B, the projections' U and the gates away from zero (at initialisation they are zero, so a mistake in the
+    fusion or projection terms would not show), checked against the equations of shared/methods/ept_lamp.md
+    written out here term by term, with loops over tokens and spaces instead of the model's matrix forms."""
+    model = _ept(base, lora_alpha=3.0).eval()
+    _perturb(model)
+    config, d = model.prompt_config, model.hidden_size
+    p_s, b, a = model.prompt_embeddings.double(), model.offset_B.double(), model.offset_A.double()
+    w_q, w_k, w_v, w_o = (getattr(model, f"fusion_{n}").double() for n in ("query", "key", "value", "out"))
+    down, up = model.projection_down.double(), model.projection_up.double()
+    g_w, g_b = model.gate_weight.double(), model.gate_bias.double()
+    assert b.abs().sum() > 0 and up.abs().sum() > 0 and g_w.abs().sum() > 0 and g_b.abs().sum() > 0
+
+    # P_f = P_s + softmax((P_s W_q)(K W_k)ᵀ / √f)(V), the keys and values from the rows of B
+    fused = []
+    for token in p_s:
+        scores = torch.stack([(token @ w_q) @ (key @ w_k) for key in b]) / config.fusion_dim**0.5
+        weights = torch.exp(scores - scores.max())
+        weights = weights / weights.sum()
+        fused.append(token + sum(w * (key @ w_v @ w_o) for w, key in zip(weights, b)))
+    p_f = torch.stack(fused)
+    # g = softmax(G(mean(P_f))), P_r = P_f + Σ_i g_i P_f D_i U_i
+    logits = torch.stack([g_w[i] @ p_f.mean(0) + g_b[i] for i in range(config.num_spaces)])
+    gates = torch.exp(logits) / torch.exp(logits).sum()
+    p_r = p_f + sum(gates[i] * (p_f @ down[i] @ up[i]) for i in range(config.num_spaces))
+    torch.testing.assert_close(model.prompt().double(), p_r, rtol=1e-5, atol=1e-6)
+
+    # the frozen model reads [P_r ; E(x) + s (A B)[position]], s = α / √r, positions counted within each row
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True, padding_side="left")
+    seen = {}
+    handle = model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    scale = config.lora_alpha / config.r**0.5
+    embeddings = model.get_input_embeddings().weight.double()
+    for row, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"])):
+        got = seen["inputs_embeds"][row].double()
+        torch.testing.assert_close(got[: config.num_virtual_tokens], p_r, rtol=1e-5, atol=1e-6)
+        position = 0
+        for column, (token, real) in enumerate(zip(ids.tolist(), mask.tolist())):
+            if not real:
+                continue
+            expected = embeddings[token] + scale * (a[position] @ b)
+            torch.testing.assert_close(got[config.num_virtual_tokens + column], expected, rtol=1e-5, atol=1e-6)
+            position += 1
+    assert d == got.shape[-1]
+
+
 @pytest.mark.parametrize("make", [_ept, _lamp])
 def test_generate_equals_a_greedy_loop_over_the_forward(tokenizer, base, make):
     model = make(base).eval()

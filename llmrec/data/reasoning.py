@@ -9,7 +9,11 @@ then gives away 3. How many coins does Ada have now?" whose solution is one line
 19 - 3 = 16. #### 16"). The level is the number of operations (1-4); operands are drawn from 1..max_operand and
 subtractions never go below zero, so every answer is a non-negative integer. Each split's levels are balanced, and
 questions are unique across train, valid and test, so test questions are never trained on. Deterministic for
-(config, seed).
+(config, seed). With `solution_order: any` a solution applies the operations in an order drawn among those whose
+running value never goes below zero ("12 - 3 = 9. 9 + 7 = 16." as well as "12 + 7 = 19. 19 - 3 = 16."), so
+problems of two or more operations have several correct solution paths, and a model trained on them hesitates
+between valid next steps, not only between digits (a world in which a tree rollout's forks explore real
+alternatives).
 
 Hub sources load through `datasets.load_dataset` (downloaded and cached on first use, or read from `path`, a local
 file or folder): `gsm8k` (openai/gsm8k, solution in `answer` ending "#### N"), `math500` (HuggingFaceH4/MATH-500:
@@ -22,6 +26,7 @@ seeded sample (null: all rows).
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -69,6 +74,10 @@ class ReasoningTaskConfig(Section):
         default_factory=lambda: [1, 2, 3], min_length=1, description="arithmetic: operation counts."
     )
     max_operand: int = Field(20, ge=2, description="arithmetic: operands are drawn from 1..max_operand.")
+    solution_order: Literal["given", "any"] = Field(
+        "given", description="arithmetic: the solution applies the operations in the question's order ('given'), or "
+        "in one drawn among the orders whose running value stays non-negative ('any': several correct paths)."
+    )
     prompt_template: str = Field("Question: {question}\nAnswer:", description="Must contain {question}.")
     path: str | None = Field(None, description="A local file or folder for Hub sources, or the JSONL file.")
     question_field: str = Field("question", description="jsonl: the question's field.")
@@ -96,24 +105,43 @@ GAINS = ("finds {n} more", "buys {n} more", "gets {n} more", "wins {n} more")
 LOSSES = ("gives away {n}", "loses {n}", "sells {n}", "uses {n}")
 
 
-def arithmetic_problem(level: int, max_operand: int, rng: np.random.Generator) -> tuple[str, str, int]:
-    """(question, solution, answer) with `level` operations."""
+def arithmetic_problem(level: int, max_operand: int, rng: np.random.Generator,
+                       any_order: bool = False) -> tuple[str, str, int]:
+    """(question, solution, answer) with `level` operations; with `any_order` the solution takes the operations in
+    an order drawn uniformly among those that keep the running value non-negative."""
     name, thing = NAMES[rng.integers(len(NAMES))], OBJECTS[rng.integers(len(OBJECTS))]
     value = start = int(rng.integers(1, max_operand + 1))
-    clauses, steps = [], []
+    clauses, changes = [], []
     for _ in range(level):
         n = int(rng.integers(1, max_operand + 1))
         if rng.random() < 0.5 and n <= value:
             clauses.append(LOSSES[rng.integers(len(LOSSES))].format(n=n))
-            steps.append(f"{value} - {n} = {value - n}.")
+            changes.append(-n)
             value -= n
         else:
             clauses.append(GAINS[rng.integers(len(GAINS))].format(n=n))
-            steps.append(f"{value} + {n} = {value + n}.")
+            changes.append(n)
             value += n
+    if any_order and level > 1:
+        orders = [order for order in itertools.permutations(changes) if _never_negative(start, order)]
+        changes = list(orders[rng.integers(len(orders))])
+    steps, running = [], start
+    for change in changes:
+        sign = "-" if change < 0 else "+"
+        steps.append(f"{running} {sign} {abs(change)} = {running + change}.")
+        running += change
     actions = clauses[0] if level == 1 else ", then ".join(clauses)
     question = f"{name} has {start} {thing}. {name} {actions}. How many {thing} does {name} have now?"
     return question, " " + " ".join(steps) + f" #### {value}", value
+
+
+def _never_negative(start: int, changes) -> bool:
+    running = start
+    for change in changes:
+        running += change
+        if running < 0:
+            return False
+    return True
 
 
 def _arithmetic_splits(config: ReasoningTaskConfig, seed: int) -> dict[str, list[dict]]:
@@ -126,7 +154,8 @@ def _arithmetic_splits(config: ReasoningTaskConfig, seed: int) -> dict[str, list
         levels = [config.levels[i % len(config.levels)] for i in range(sizes[split])]
         for level in levels:
             for _ in range(1000):
-                question, solution, answer = arithmetic_problem(level, config.max_operand, rng)
+                question, solution, answer = arithmetic_problem(level, config.max_operand, rng,
+                                                                config.solution_order == "any")
                 if question not in seen:
                     break
             else:

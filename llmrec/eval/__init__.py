@@ -34,9 +34,10 @@ class EvalConfig(Section):
         "summaries (needs data.summaries); 'instructions': exact match, ROUGE-L and loss of greedy responses (needs "
         "data.instructions; split test).",
     )
-    splits: list[Literal["test", "valid", "ood_popularity", "ood_temporal", "ood_environment"]] = Field(
+    splits: list[Literal["test", "valid", "ood_popularity", "ood_temporal", "ood_environment", "train"]] = Field(
         default_factory=lambda: ["test"], min_length=1,
-        description="Which targets to rank (ood_<kind> needs that shift).",
+        description="What to evaluate on (ood_<kind> needs that shift; 'train', the training users, only where the "
+        "task has it, to see whether the model fits its training data at all).",
     )
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1,
                           description="Cut-offs for HR@K and NDCG@K.")

@@ -16,6 +16,7 @@ SPLIT_NAMES = {
     "ood_temporal": "temporal-shift test",
     "ood_environment": "environment-shift test",
     "valid": "validation",
+    "train": "training (fit)",
 }
 
 

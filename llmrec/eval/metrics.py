@@ -88,3 +88,19 @@ def uauc(users: Sequence, labels: Sequence, scores: Sequence[float]) -> tuple[fl
     if not values:
         return math.nan, 0
     return float(np.mean(values)), len(values)
+
+
+def normalised_mutual_information(a: Sequence, b: Sequence) -> float:
+    """NMI of two labellings of the same items, normalised by the geometric mean of their entropies: 1 when one
+    determines the other, 0 when they are independent (and 0 when either has one label only)."""
+    n = len(a)
+    if n == 0:
+        return 0.0
+    joint, left, right = Counter(zip(a, b)), Counter(a), Counter(b)
+    mutual = sum(c / n * math.log(c * n / (left[x] * right[y])) for (x, y), c in joint.items())
+
+    def entropy(counts: Counter) -> float:
+        return -sum(c / n * math.log(c / n) for c in counts.values())
+
+    denominator = math.sqrt(entropy(left) * entropy(right))
+    return max(0.0, mutual / denominator) if denominator > 0 else 0.0

@@ -35,7 +35,7 @@ TASKS: dict[str, Any] = {
     "classification": "llmrec.tasks.classification:ClassificationTask",
 }
 
-ALL_SPLITS = tuple(SPLIT_NAMES)
+ALL_SPLITS = tuple(split for split in SPLIT_NAMES if split != "train")  # what a task evaluates unless it says
 
 # (recipe key path, message): what a part of the recipe needs elsewhere in it, reported at load time
 Need = tuple[tuple, str]

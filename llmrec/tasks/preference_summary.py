@@ -24,9 +24,10 @@ a user has no example. The teacher is pluggable (`data.summaries.teacher`): `Tem
 off the behaviours (CPU, for the persona world); `ModelTeacher` prompts a local transformers model or an
 OpenAI-compatible endpoint (GPU), with the guiding choice it must explain without naming.
 
-Evaluation: for each user of the split (and, with `data.summaries.ood`, each out-of-domain user) the model writes a
-summary from part 1 of the user's behaviours (greedy decoding); the judge then answers every part-3 question from the
-summary alone (`llmrec.eval.preference_summary`). Metric keys, per population (`<split>/` and `ood/`): `users`,
+Evaluation: for each user of the split (`train` too, to see whether the model fits the users it was trained on; and,
+with `data.summaries.ood`, each out-of-domain user) the model writes a summary from part 1 of the user's behaviours
+(greedy decoding); the judge then answers every part-3 question from the summary alone
+(`llmrec.eval.preference_summary`). Metric keys, per population (`<split>/` and `ood/`): `users`,
 `questions`, and the judge's accuracy given
 * `no_summary`: an empty summary (its prior; 0.5 for the rule judge);
 * `model`: the model's part-1 summary (an output without exactly one think block and a summary counts as no
@@ -63,7 +64,7 @@ from llmrec.eval.judges import CompletionsClient, JudgeQuestion, load_judge_mode
 
 from . import Task
 
-POPULATIONS = ("test", "valid", "ood")
+POPULATIONS = ("test", "valid", "train", "ood")
 KINDS = ("no_summary", "model", "streaming", "oracle")
 
 
@@ -76,7 +77,7 @@ class PreferenceSummaryTask(Task):
                     "the synthesis of SFT data; `trainer: alignxplore_sft` then `alignxplore` train on them and "
                     "`eval.task: preference_summary` measures judge accuracy.")
     section_holds = "behaviours and judge"
-    splits = ("test", "valid")
+    splits = ("test", "valid", "train")  # train: does the model fit the users it was trained on at all?
     row_kinds = ()
     headline = "model"
     card_tag = "personalization"
@@ -100,7 +101,7 @@ preferences that any judge model can read."""
         transfer = build_judge(config.transfer_judge) if config.transfer_judge else None
         model.eval()
         populations = {split: summary_users(config, seed, split, data)}
-        if config.ood is not None:
+        if config.ood is not None and split != "train":  # the training split is a check of fit, in domain only
             populations["ood"] = summary_users(config, seed, split, data, ood=True)
         metrics, predictions = {}, []
         for name, users in populations.items():

@@ -5,9 +5,8 @@ From "Causal Direct Preference Optimization for Distributionally Robust Generati
 preference Y; plain DPO learns E-driven shortcuts such as popularity. CausalDPO targets p(Y | do(X)):
 
 1. **Environments.** z_i = g(h_i), with h_i the policy's last hidden state at the last prompt token and g a
-   trainable linear map; K trainable centres c_k; memberships p_ik = softmax_k(−‖z_i − c_k‖² / τ). The centres start
-   from k-means++ (then a few Lloyd steps) on z over a sample of training prompts. g and the centres form the
-   `EnvironmentHead`, registered on the model (so the optimizer trains it) and saved beside the adapter as
+   linear map; K centres c_k; memberships p_ik = softmax_k(−‖z_i − c_k‖² / τ). g and the centres form the
+   `EnvironmentHead`, registered on the model (so it moves, casts and saves with it) and saved beside the adapter as
    `environment_head.safetensors` + `environment_head.json`. In the `known` mode p_ik is the one-hot label of a
    dataset column instead.
 2. **Backdoor adjustment.** Per-row losses ℓ_i (softmax DPO), environment risks R_k = Σ_i p_ik ℓ_i / Σ_i p_ik, and
@@ -21,13 +20,27 @@ preference Y; plain DPO learns E-driven shortcuts such as popularity. CausalDPO 
 
 L = L_BA + λ · L_inv. With K = 1 and λ = 0 this is `SoftmaxDPOTrainer` exactly (tests/test_alignment.py).
 
-Choices where the paper is silent: the gradient of every term flows into g, the centres and the policy (the
-environments are learnt with the model, as the paper's joint objective says; the authors' release never trained
-them); an environment with no membership mass in a batch (Σ_i p_ik < 1e-6) is left out of that batch's L_BA and
-L_inv and the prior is renormalised over the others; the median heuristic sets σ² to the median pairwise squared
-distance of the batch's statistics (detached); in the `known` mode with the `state` statistic, h stands in for z.
-Under several processes each one clusters its own batch, and the running marginal follows the first process's rows
-(DDP broadcasts module buffers from it).
+**How the environments are learnt (our choice; the paper says "jointly" and the authors' release never trained
+them).** Environments are inferred from the representation, never chosen by the loss: the memberships enter L_BA and
+L_inv detached, and g and the centres are fitted by a clustering objective instead of by the gradient of L. Trained by
+L, they collapse: with the uniform prior ∂L_BA/∂p_ik = (ℓ_i − R_k) / (K m_k), so the optimum moves the lowest-loss
+rows into a tiny environment whose risk then carries 1/K of the loss, whatever the true environments are, and the
+MMD term, minimised over memberships, pushes them towards uninformative (our first version did this: one cluster
+held 97-99% of the rows on ml-100k; tests/test_alignment.py reproduces the setting and checks it no longer happens).
+So: g is fixed at initialisation to the top `environment_dim` principal directions of the policy's states on a
+sample of training prompts, scaled so that E‖z‖² = 1 (the directions along which prompts differ most, on a scale the
+temperature τ is meant for); the centres start from k-means++ and Lloyd steps on that sample, and every
+`environment_refit_steps` optimizer steps they are refitted by Lloyd steps (k-means, warm-started, so environment k
+stays environment k) on the last `environment_init_samples` training states, following the policy as it moves. The
+policy still gets the gradient of L_BA through the per-row losses, and of the `state` MMD through z.
+
+Other choices where the paper is silent: an environment with no membership mass in a batch (Σ_i p_ik < 1e-6) is
+left out of that batch's L_BA and L_inv and the prior is renormalised over the others; the median heuristic sets
+σ² to the median pairwise squared distance of the batch's statistics (detached); in the `known` mode with the
+`state` statistic, h stands in for z. Under several processes g, the centres and the pool of states follow the first
+process's (DDP broadcasts module buffers from it); the running marginal is each process's own. Every logging
+step reports each environment's mass and, when the rows carry their true environment (a synthetic world's column),
+the NMI of the argmax memberships with it over the last rows seen.
 We do not reproduce the release's defects listed in the method file (token-id averaging, untrained clustering
 parameters, first-token states under left padding, an ignored β).
 """
@@ -76,7 +89,11 @@ class CausalDPOConfig(SoftmaxDPOConfig):
         environment_temperature (`float`, *optional*, defaults to `1.0`):
             Temperature τ of the soft memberships (positive).
         environment_init_samples (`int`, *optional*, defaults to `512`):
-            Training prompts for the k-means++ start of the centres (followed by a few Lloyd steps).
+            Training prompts whose states fix g and start the centres (k-means++, then Lloyd steps); also the number
+            of recent training states the centres are refitted on.
+        environment_refit_steps (`int`, *optional*, defaults to `50`):
+            Refit the centres by Lloyd steps on the recent training states every this many optimizer steps (0: never,
+            the centres stay where the initialisation put them).
 
         > Parameters that control the loss
 
@@ -103,7 +120,12 @@ class CausalDPOConfig(SoftmaxDPOConfig):
     environment_column: str = field(default="environment", metadata={"help": "The dataset column of the known mode."})
     environment_dim: int = field(default=16, metadata={"help": "Dimension of z = g(h)."})
     environment_temperature: float = field(default=1.0, metadata={"help": "Temperature τ of the soft memberships."})
-    environment_init_samples: int = field(default=512, metadata={"help": "Training prompts for the k-means++ start."})
+    environment_init_samples: int = field(
+        default=512, metadata={"help": "Training prompts that fix g and start the centres; states kept for refits."}
+    )
+    environment_refit_steps: int = field(
+        default=50, metadata={"help": "Refit the centres on recent training states every this many steps (0: never)."}
+    )
     backdoor_prior: str = field(
         default="uniform", metadata={"help": "The environment prior P(k).", "choices": ["uniform", "marginal"]}
     )
@@ -128,31 +150,67 @@ class CausalDPOConfig(SoftmaxDPOConfig):
             raise ValueError("environment_temperature must be positive and invariance_weight non-negative")
         if self.mmd_bandwidth is not None and self.mmd_bandwidth <= 0:
             raise ValueError("mmd_bandwidth must be positive")
+        if self.environment_refit_steps < 0 or self.environment_init_samples < self.num_environments:
+            raise ValueError("environment_refit_steps must be >= 0 and environment_init_samples >= num_environments")
 
 
 class EnvironmentHead(nn.Module):
-    """g and the centres: memberships p_ik = softmax_k(−‖g(h_i) − c_k‖² / τ), and the running marginal of p_ik.
+    """g and the centres: memberships p_ik = softmax_k(−‖g(h_i) − c_k‖² / τ), fitted by clustering, not by the loss.
 
-    The running marginal is kept in float64 outside the module's tensors, so that casting the module (bf16 under
-    DeepSpeed) cannot round its counts; it is saved in environment_head.json.
+    Everything it holds is a buffer (no gradient; DDP keeps the processes' copies equal): g's weight and bias, the
+    centres, and a ring of the latest embedded training states that `refit` clusters. The running marginal of p_ik
+    is kept in float64 outside the module's tensors, so that casting the module (bf16 under DeepSpeed) cannot round
+    its counts; it is saved in environment_head.json.
     """
 
-    def __init__(self, hidden_size: int, dim: int, num_environments: int, temperature: float):
+    def __init__(self, hidden_size: int, dim: int, num_environments: int, temperature: float, pool_size: int = 512):
         super().__init__()
         self.config = {"hidden_size": hidden_size, "dim": dim, "num_environments": num_environments,
-                       "temperature": temperature}
-        self.projection = nn.Linear(hidden_size, dim)
-        self.centres = nn.Parameter(torch.zeros(num_environments, dim))
+                       "temperature": temperature, "pool_size": pool_size}
+        self.register_buffer("weight", torch.zeros(dim, hidden_size))
+        self.register_buffer("bias", torch.zeros(dim))
+        self.register_buffer("centres", torch.zeros(num_environments, dim))
+        self.register_buffer("pool", torch.zeros(pool_size, dim))
+        self.pool_seen = 0
         self.membership_sum = torch.zeros(num_environments, dtype=torch.float64)
         self.membership_count = 0
 
     def embed(self, states: torch.Tensor) -> torch.Tensor:
-        return self.projection(states.to(self.projection.weight.dtype))
+        return states.to(self.weight.dtype) @ self.weight.T + self.bias
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        """Memberships [rows, K]. A forward (not a plain method), so ZeRO-3 gathers the centres for it."""
+        """Memberships [rows, K]. A forward (not a plain method), so ZeRO-3 gathers what it needs."""
         squared = ((self.embed(states).unsqueeze(1) - self.centres.unsqueeze(0)) ** 2).sum(-1)
         return torch.softmax(-squared / self.config["temperature"], dim=-1)
+
+    @torch.no_grad()
+    def fit(self, states: torch.Tensor, generator: torch.Generator) -> None:
+        """g := the top principal directions of `states`, scaled to E‖z‖² = 1; centres := k-means++ and Lloyd."""
+        points = states.double().cpu()
+        mean = points.mean(dim=0)
+        _, _, directions = torch.linalg.svd(points - mean, full_matrices=False)
+        weight = torch.zeros(self.config["dim"], points.shape[1], dtype=torch.float64)
+        top = directions[: self.config["dim"]]
+        weight[: len(top)] = top
+        scale = ((points - mean) @ weight.T).pow(2).sum(-1).mean().sqrt().clamp_min(1e-12)
+        self.weight.copy_(weight / scale)
+        self.bias.copy_(-(weight @ mean) / scale)
+        embedded = self.embed(states.to(self.weight)).float().cpu()
+        self.centres.copy_(kmeans_plus_plus(embedded, self.config["num_environments"], generator))
+        self.remember(embedded)
+
+    @torch.no_grad()
+    def remember(self, embedded: torch.Tensor) -> None:
+        """Keep `embedded` states in the ring the centres are refitted on."""
+        for row in embedded.detach().to(self.pool):
+            self.pool[self.pool_seen % len(self.pool)] = row
+            self.pool_seen += 1
+
+    @torch.no_grad()
+    def refit(self, steps: int = 10) -> None:
+        """Lloyd steps on the remembered states, from the current centres (so each environment keeps its index)."""
+        points = self.pool[: min(self.pool_seen, len(self.pool))].float()
+        self.centres.copy_(lloyd(points, self.centres.float(), steps).to(self.centres))
 
     @torch.no_grad()
     def observe(self, memberships: torch.Tensor) -> None:
@@ -166,7 +224,8 @@ class EnvironmentHead(nn.Module):
         folder = Path(folder)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in (state or self.state_dict()).items()}
         save_file(tensors, folder / HEAD_WEIGHTS)
-        running = {"membership_sum": self.membership_sum.tolist(), "membership_count": self.membership_count}
+        running = {"membership_sum": self.membership_sum.tolist(), "membership_count": self.membership_count,
+                   "pool_seen": self.pool_seen}
         (folder / HEAD_CONFIG).write_text(json.dumps({**self.config, **running}, indent=2) + "\n")
 
     def load(self, folder: str | Path) -> None:
@@ -176,11 +235,13 @@ class EnvironmentHead(nn.Module):
         saved = json.loads((folder / HEAD_CONFIG).read_text())
         self.membership_sum = torch.tensor(saved["membership_sum"], dtype=torch.float64)
         self.membership_count = saved["membership_count"]
+        self.pool_seen = saved["pool_seen"]
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> EnvironmentHead:
         saved = json.loads((Path(folder) / HEAD_CONFIG).read_text())
-        head = cls(**{key: saved[key] for key in ("hidden_size", "dim", "num_environments", "temperature")})
+        head = cls(**{key: saved[key] for key in ("hidden_size", "dim", "num_environments", "temperature",
+                                                  "pool_size")})
         head.load(folder)
         return head
 
@@ -197,10 +258,15 @@ def kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator, s
         else:
             choice = torch.multinomial(distances / total, 1, generator=generator).item()
         centres.append(points[choice])
-    centres = torch.stack(centres)
+    return lloyd(points, torch.stack(centres), steps)
+
+
+def lloyd(points: torch.Tensor, centres: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` k-means (Lloyd) iterations from `centres`; a centre that loses every point stays where it was."""
+    centres = centres.clone()
     for _ in range(steps):
         assignment = torch.cdist(points, centres).argmin(dim=1)
-        for c in range(k):
+        for c in range(len(centres)):
             members = points[assignment == c]
             if len(members):
                 centres[c] = members.mean(dim=0)
@@ -225,6 +291,32 @@ def weighted_mmd2(statistics: torch.Tensor, weights_a: torch.Tensor, weights_b: 
     return difference @ kernel @ difference
 
 
+def environment_loss(per_row_loss: torch.Tensor, memberships: torch.Tensor, prior: torch.Tensor, invariance: str,
+                     invariance_weight: float, statistic: torch.Tensor, bandwidth: float | None):
+    """CausalDPO's objective for one batch: L = Σ_k P(k) R_k + λ L_inv, with R_k = Σ_i p_ik ℓ_i / Σ_i p_ik.
+
+    `memberships` [rows, K] are taken as given (detached: the environments are not the loss's to choose); `prior`
+    is P(k) before renormalising over the environments present in the batch. Returns (L, L_BA, L_inv, R, the
+    environments' masses, which environments are present).
+    """
+    memberships = memberships.detach()
+    mass = memberships.sum(dim=0)
+    present = mass > 1e-6
+    risks = (memberships * per_row_loss.unsqueeze(1)).sum(dim=0) / mass.clamp_min(1e-6)
+    weights = prior * present
+    backdoor = (weights / weights.sum() * risks).sum()
+    penalty = torch.zeros((), device=per_row_loss.device, dtype=per_row_loss.dtype)
+    environments = present.nonzero().flatten().tolist()
+    if invariance_weight > 0 and invariance != "none" and len(environments) > 1:
+        if invariance == "vrex":
+            penalty = risks[environments].var(unbiased=False)
+        else:
+            pairs = [(a, b) for i, a in enumerate(environments) for b in environments[i + 1:]]
+            penalty = torch.stack([weighted_mmd2(statistic.float(), memberships[:, a].float(),
+                                                 memberships[:, b].float(), bandwidth) for a, b in pairs]).mean()
+    return backdoor + invariance_weight * penalty, backdoor, penalty, risks, mass, present
+
+
 @dataclass
 class CausalPolicyOutput(PolicyOutput):
     prompt_states: torch.Tensor | None = None
@@ -239,6 +331,8 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
         config: CausalDPOConfig = kwargs["args"]
         train_dataset = kwargs["train_dataset"]
         self.known = config.environment_mode == "known"
+        if config.environment_column in train_dataset.column_names:  # memberships (known) or the NMI (inferred)
+            self._extra_columns = (config.environment_column,)
         if self.known:
             if config.environment_column not in train_dataset.column_names:
                 raise LLMRecError(
@@ -246,7 +340,6 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
                     f"(columns: {', '.join(train_dataset.column_names)}).",
                     "stages.args.environment_column",
                 )
-            self._extra_columns = (config.environment_column,)
         elif len(train_dataset) < config.num_environments:
             raise LLMRecError(
                 f"num_environments is {config.num_environments} but there are only {len(train_dataset)} training "
@@ -254,20 +347,20 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
                 "stages.args.num_environments",
             )
         super().__init__(model, *args, **kwargs)
-        # Attached after TRL has added its "ref" adapter copy, so no LoRA layer lands in g; the optimizer is built when
-        # training starts, so it finds the head among the model's trainable parameters. The head takes the dtype of
-        # the policy's trainable weights, since ZeRO-3 flattens all of them into one buffer of one dtype.
-        dtype = next((p.dtype for p in model.parameters() if p.requires_grad), torch.float32)
+        # Attached after TRL has added its "ref" adapter copy, so no LoRA layer lands in g. The head holds buffers
+        # only (nothing for the optimizer), in float32 whatever the policy's dtype.
         head = EnvironmentHead(
             model.config.get_text_config().hidden_size,
             config.environment_dim,
             config.num_environments,
             config.environment_temperature,
-        ).to(device=self.args.device, dtype=dtype)
-        head.requires_grad_(not self.known)
+            config.environment_init_samples,
+        ).to(device=self.args.device)
         model.environment_head = head
         self.environment_head = head
         self._backbone = _backbone(self.model)
+        self._refitted_at = 0
+        self._assignments: dict[str, list[tuple[int, int]]] = {"train": [], "eval": []}
         self._initialise_environments()
 
     # --- environments ------------------------------------------------------------------------------------------
@@ -290,8 +383,7 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
         rows = torch.randperm(len(self.train_dataset), generator=generator)[:count].tolist()
         prompts = self.train_dataset.select(rows)["prompt_ids"]
         states = self._prompt_states_of(prompts)
-        embedded = head.embed(states).float().cpu()
-        head.centres.data.copy_(kmeans_plus_plus(embedded, K, generator).to(head.centres))
+        head.fit(states, generator)
         head.observe(head(states))
 
     def _prompt_states_of(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -334,30 +426,26 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
         rows = per_row_loss.shape[0]
         head, K = self.environment_head, self.args.num_environments
         states = policy.prompt_states[:rows]
+        column = self.args.environment_column
         if self.known:
-            memberships = F.one_hot(inputs[self.args.environment_column].long(), K).to(per_row_loss.dtype)
+            memberships = F.one_hot(inputs[column].long(), K).to(per_row_loss.dtype)
         else:
-            memberships = head(states).to(per_row_loss.dtype)
-        mass = memberships.sum(dim=0)
-        present = (mass > 1e-6).detach()
-        risks = (memberships * per_row_loss.unsqueeze(1)).sum(dim=0) / mass.clamp_min(1e-6)
-
-        if self.args.backdoor_prior == "uniform":
-            prior = torch.ones_like(mass)
+            memberships = head(states.detach()).to(per_row_loss.dtype)
+            if mode == "train":
+                head.remember(head.embed(states.detach()))
+                self._refit_when_due()
+        prior = torch.ones(K) if self.args.backdoor_prior == "uniform" else head.marginal()
+        if self.args.invariance_statistic == "margin":
+            statistic = preference_logits
         else:
-            prior = head.marginal().to(mass)
-        prior = prior * present
-        prior = prior / prior.sum()
-        backdoor = (prior * risks).sum()
-
-        loss = backdoor
-        penalty = torch.zeros((), device=loss.device)
-        if self.args.invariance_weight > 0 and self.args.invariance != "none" and int(present.sum()) > 1:
-            penalty = self._invariance(memberships, present, risks, preference_logits, states)
-            loss = loss + self.args.invariance_weight * penalty
-
+            statistic = states if self.known else head.embed(states)
+        loss, backdoor, penalty, risks, mass, present = environment_loss(
+            per_row_loss, memberships, prior.to(per_row_loss), self.args.invariance, self.args.invariance_weight,
+            statistic, self.args.mmd_bandwidth,
+        )
         if mode == "train" and not self.known:
-            head.observe(memberships.detach())
+            head.observe(memberships)
+
         gather = self.accelerator.gather_for_metrics
         self._metrics[mode]["loss/backdoor"].append(gather(backdoor.detach()).mean().item())
         self._metrics[mode]["loss/invariance"].append(gather(penalty.detach()).mean().item())
@@ -366,23 +454,25 @@ class CausalDPOTrainer(SoftmaxDPOTrainer):
             self._metrics[mode][f"environment/{k}/mass"].append((shares[k] / shares.sum()).item())
             if present[k]:
                 self._metrics[mode][f"environment/{k}/risk"].append(risks[k].item())
+        if column in inputs and not self.known:
+            self._metrics[mode]["environment/nmi"].append(self._recent_nmi(mode, memberships, inputs[column]))
         return loss
 
-    def _invariance(self, memberships, present, risks, preference_logits, states) -> torch.Tensor:
-        environments = present.nonzero().flatten().tolist()
-        if self.args.invariance == "vrex":
-            return risks[environments].var(unbiased=False)
-        if self.args.invariance_statistic == "margin":
-            statistic = preference_logits
-        else:
-            statistic = states if self.known else self.environment_head.embed(states)
-        pairs = [(a, b) for i, a in enumerate(environments) for b in environments[i + 1 :]]
-        values = [
-            weighted_mmd2(statistic.float(), memberships[:, a].float(), memberships[:, b].float(),
-                          self.args.mmd_bandwidth)
-            for a, b in pairs
-        ]
-        return torch.stack(values).mean()
+    def _refit_when_due(self) -> None:
+        """Refit the centres on the recent training states every `environment_refit_steps` optimizer steps."""
+        every, step = self.args.environment_refit_steps, self.state.global_step
+        if every and step and step % every == 0 and step != self._refitted_at:
+            self.environment_head.refit()
+            self._refitted_at = step
+
+    def _recent_nmi(self, mode: str, memberships: torch.Tensor, labels: torch.Tensor) -> float:
+        """NMI of the argmax memberships with the true environments over the last `environment_init_samples` rows."""
+        from llmrec.eval.metrics import normalised_mutual_information
+
+        recent = self._assignments[mode]
+        recent += zip(memberships.argmax(dim=1).tolist(), labels.tolist())
+        del recent[: -self.args.environment_init_samples]
+        return normalised_mutual_information([a for a, _ in recent], [b for _, b in recent])
 
     # --- saving ----------------------------------------------------------------------------------------------
 

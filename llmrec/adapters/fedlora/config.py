@@ -31,6 +31,12 @@ class FedLoRAConfig:
         metadata={"help": "Initial b_M (every row of B). A server never receives b_M, so its global model keeps this "
                   "value: it must not be 0 for the global model to differ from the base model."},
     )
+    init_offset: bool = field(
+        default=False,
+        metadata={"help": "Start A at its drawn rows (a_M = their norms, so init_a_magnitude is unused) and B at b_M "
+                  "times its unit rows, and offset the frozen weight by −(α / r)·B₀A₀ so the model still starts as "
+                  "the base model: every tensor has a gradient from the first step."},
+    )
     eps: float = field(default=1e-8, metadata={"help": "Floor of a row's norm when normalising the directions."})
     task_type: str = field(default="CAUSAL_LM", metadata={"help": "Accepted for symmetry with PEFT configs."})
 
@@ -48,7 +54,9 @@ class FedLoRAConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), not {self.lora_dropout!r}")
         if not (math.isfinite(self.init_a_magnitude) and math.isfinite(self.init_b_magnitude)):
             raise ValueError("init_a_magnitude and init_b_magnitude must be finite numbers")
-        if self.init_a_magnitude == 0 and self.init_b_magnitude == 0:
+        if self.init_offset and self.init_b_magnitude == 0:
+            raise ValueError("init_offset needs a non-zero init_b_magnitude: with B = 0 the offset is zero too")
+        if self.init_a_magnitude == 0 and self.init_b_magnitude == 0 and not self.init_offset:
             # A = 0 and B = 0 together give every adapter tensor a zero gradient: the adapter could never train
             raise ValueError("init_a_magnitude and init_b_magnitude cannot both be 0: every gradient of the adapter "
                              "would be zero and it would never train")

@@ -7,6 +7,11 @@ magnitude (FedLoRA-Optimizer):
 
 normalise_rows(M) = M / max(‖row‖, eps), applied in every forward pass: the stored directions are free parameters
 (the optimiser and the server's averaging may change their norms) and only their direction matters.
+
+With `offset`, A starts at its drawn rows (a_M = their norms) and the layer keeps the initial factors A₀, B₀ as
+buffers and subtracts their increment: h = W0 x + (α / r) · (B A − B₀ A₀) dropout(x), which is W0 x at the start
+while every tensor already has a gradient. (Equivalent to the frozen weight offset by −(α / r) B₀A₀, kept in low rank
+so the frozen weight itself is never changed.)
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ class FedLoRALinear(nn.Module):
     """W0 x + (α / r) · B A dropout(x), with W0 frozen and A, B built from their directions and magnitudes."""
 
     def __init__(self, base_layer: nn.Linear, r: int, scaling: float, dropout: float, init_a_magnitude: float,
-                 init_b_magnitude: float, eps: float):
+                 init_b_magnitude: float, eps: float, offset: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
@@ -38,6 +43,12 @@ class FedLoRALinear(nn.Module):
         self.lora_A_magnitude = nn.Parameter(torch.full((r,), float(init_a_magnitude), device=device))
         self.lora_B_direction = nn.Parameter(torch.randn(self.out_features, r).to(device))
         self.lora_B_magnitude = nn.Parameter(torch.full((self.out_features,), float(init_b_magnitude), device=device))
+        self.offset = offset
+        if offset:
+            with torch.no_grad():
+                self.lora_A_magnitude.copy_(self.lora_A_direction.norm(dim=1))
+            self.register_buffer("initial_A", self.lora_A().detach().clone())
+            self.register_buffer("initial_B", self.lora_B().detach().clone())
 
     def lora_A(self) -> torch.Tensor:
         """A = diag(a_M) · A_D with unit-norm rows of A_D: (r, d_in)."""
@@ -50,7 +61,10 @@ class FedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         dtype = self.lora_A_direction.dtype  # the increment in the adapter's precision (float32), then cast back
-        delta = (self.lora_dropout(x.to(dtype)) @ self.lora_A().T) @ self.lora_B().T
+        x = self.lora_dropout(x.to(dtype))
+        delta = (x @ self.lora_A().T) @ self.lora_B().T
+        if self.offset:
+            delta = delta - (x @ self.initial_A.T) @ self.initial_B.T
         return out + (self.scaling * delta).to(out.dtype)
 
     def extra_repr(self) -> str:

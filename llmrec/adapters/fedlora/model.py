@@ -14,6 +14,11 @@ Initialisation (our choice; the paper does not give one):
 * a_M = `init_a_magnitude` (0): ΔW = 0 at step 0, so the adapted model starts as the base model;
 * B_D: standard-normal rows (their norm is irrelevant);
 * b_M = `init_b_magnitude` (1).
+With `init_offset` (a variant for the comparison of initialisations): a_M = the norms of A_D's drawn rows, so A
+starts as PEFT's lora_A, and the layers subtract the initial increment (α / r) B₀A₀ (`FedLoRALinear`), so the model
+still starts as the base model while every tensor has a gradient from the first step. The initial factors are the
+same on every client (drawn under the run seed), saved beside the adapter (`initial_factors.safetensors`), and the
+export materialises the whole change as one LoRA of rank 2r: lora_A = [A; A₀], lora_B = [B, −B₀].
 PEFT starts LoRA from B = 0 instead. Here that would mean b_M = 0, and since the server never receives b_M, its
 global model would keep b_M = 0, hence B = 0 and ΔW = 0: the global model would stay the base model whatever the
 clients learn. With A = 0 and b_M = 1, only a_M has a gradient at the first step (A_D's is scaled by a_M = 0, B_D's
@@ -47,6 +52,8 @@ from ..wrapper import WEIGHTS_NAME, FrozenModelWrapper
 from .config import FedLoRAConfig
 from .layer import PARAMETERS, FedLoRALinear
 
+INITIAL_FACTORS = "initial_factors.safetensors"
+
 
 class FedLoRAModel(FrozenModelWrapper):
     """A frozen causal LM whose target linear layers are `FedLoRALinear`; only their four tensors train."""
@@ -61,7 +68,8 @@ class FedLoRAModel(FrozenModelWrapper):
         self.target_names, self.fedlora_layers = replace_targets(
             language_model, config.target_modules,
             lambda linear: FedLoRALinear(linear, config.r, config.scaling, config.lora_dropout,
-                                         config.init_a_magnitude, config.init_b_magnitude, config.eps),
+                                         config.init_a_magnitude, config.init_b_magnitude, config.eps,
+                                         config.init_offset),
         )
         self.adapter_names = [name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in PARAMETERS]
 
@@ -93,13 +101,30 @@ class FedLoRAModel(FrozenModelWrapper):
 
     # --- save, load, export --------------------------------------------------------------------------------------
 
+    def initial_factors(self) -> dict[str, torch.Tensor]:
+        """With `init_offset`, the initial A₀ and B₀ of every layer, keyed by module name (empty otherwise)."""
+        if not self.fedlora_config.init_offset:
+            return {}
+        return {f"{name}.{which}": getattr(layer, which).detach().float().cpu().contiguous()
+                for name, layer in zip(self.target_names, self.fedlora_layers) for which in ("initial_A", "initial_B")}
+
     def save_pretrained(self, folder: str | Path, state_dict: dict | None = None) -> None:
-        """adapter_config.json and adapter_model.safetensors (the four tensors of every layer), written atomically."""
+        """adapter_config.json and adapter_model.safetensors (the four tensors of every layer), written atomically;
+        with `init_offset`, the initial factors in initial_factors.safetensors."""
         self.write_adapter_folder(folder, self.fedlora_config.to_dict(), state_dict)
+        if self.fedlora_config.init_offset:
+            atomic_save_file(self.initial_factors(), Path(folder) / INITIAL_FACTORS)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, folder: str | Path, trainable: bool = False) -> FedLoRAModel:
         model = cls(base_model, cls.read_adapter_config(folder, FedLoRAConfig))
+        if model.fedlora_config.init_offset:
+            from safetensors.torch import load_file
+
+            factors = load_file(str(Path(folder) / INITIAL_FACTORS))
+            for name, layer in zip(model.target_names, model.fedlora_layers):
+                for which in ("initial_A", "initial_B"):
+                    getattr(layer, which).copy_(factors[f"{name}.{which}"])
         model.load_adapter_weights(folder)
         model.train(trainable)
         for name, parameter in model.named_parameters():
@@ -109,20 +134,24 @@ class FedLoRAModel(FrozenModelWrapper):
     @torch.no_grad()
     def to_peft_lora(self, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write the materialised A and B as a stock PEFT LoRA adapter (same r, α and so the same scaling): lora_A = A,
-        lora_B = B, which `PeftModel.from_pretrained` and vLLM load with this model's outputs."""
+        lora_B = B, which `PeftModel.from_pretrained` and vLLM load with this model's outputs. With `init_offset`,
+        the rank is 2r (lora_A = [A; A₀], lora_B = [B, −B₀], α doubled to keep α / r): the same outputs again."""
         from peft import LoraConfig
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        widen = 2 if self.fedlora_config.init_offset else 1
         config = LoraConfig(
-            r=self.fedlora_config.r, lora_alpha=self.fedlora_config.lora_alpha,
+            r=widen * self.fedlora_config.r, lora_alpha=widen * self.fedlora_config.lora_alpha,
             lora_dropout=self.fedlora_config.lora_dropout, bias="none", task_type="CAUSAL_LM",
             target_modules=sorted({name.rsplit(".", 1)[-1] for name in self.target_names}),
             base_model_name_or_path=base_model_name_or_path or getattr(self.config, "_name_or_path", None),
         )
         config.save_pretrained(str(folder))
         tensors = {}
-        for name, (A, B) in self.materialised_lora().items():
+        for (name, (A, B)), layer in zip(self.materialised_lora().items(), self.fedlora_layers):
+            if widen == 2:
+                A, B = torch.cat([A, layer.initial_A]), torch.cat([B, -layer.initial_B], dim=1)
             # PEFT's saved key: `base_model.model.<module>.lora_{A,B}.weight`, without the adapter name
             tensors[f"base_model.model.{name}.lora_A.weight"] = A.float().cpu().contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = B.float().cpu().contiguous()
