@@ -175,9 +175,12 @@ def _train_and_evaluate(recipe: Recipe, run: RunDir, data: RecData, state) -> di
 
 
 def _base_source(recipe: Recipe, run: RunDir) -> str:
+    from llmrec.models.packaged import is_packaged, packaged_folder
     from llmrec.models.tiny import is_tiny
 
-    return str(run.base) if is_tiny(recipe.model.name) else recipe.model.name
+    if is_tiny(recipe.model.name):
+        return str(run.base)
+    return str(packaged_folder(recipe.model.name)) if is_packaged(recipe.model.name) else recipe.model.name
 
 
 def _run_stage(recipe: Recipe, run: RunDir, data: RecData, model, tokenizer, index: int, state, model_source: str):

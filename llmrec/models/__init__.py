@@ -1,4 +1,5 @@
-"""Base model and tokenizer: a `tiny:<preset>`, a Hugging Face Hub id, or a local folder.
+"""Base model and tokenizer: a `tiny:<preset>`, a packaged real model (`smollm2-135m-instruct`, converted once from
+the GGUF a registry package ships: `llmrec.models.packaged`), a Hugging Face Hub id, or a local folder.
 
 Hub and local models load through `AutoModelForCausalLM` with safetensors only; `trust_remote_code` is off
 unless the recipe sets it. Tiny models are built once per run directory (`base/`) and reloaded from there.
@@ -25,9 +26,11 @@ logger = get_logger(__name__)
 class ModelConfig(Section):
     """`model`: the base model."""
 
-    name: str = Field(description="'tiny:<preset>', a Hub id such as 'Qwen/Qwen2.5-1.5B', or a local folder.")
+    name: str = Field(description="'tiny:<preset>', a packaged model ('smollm2-135m-instruct'), a Hub id such as "
+                      "'Qwen/Qwen2.5-1.5B', or a local folder.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; 'auto' is the checkpoint's own (float32 for tiny models)."
+        "auto", description="Weights dtype; 'auto' is the checkpoint's own (float32 for tiny models; for a packaged "
+        "model bfloat16 where the machine computes in it natively, else float32)."
     )
     attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'eager', 'flash_attention_2'.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a Hub model. Off unless you trust it.")
@@ -67,6 +70,8 @@ def load_base(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .packaged import is_packaged, packaged_folder, supports_bf16
+
     if is_tiny(config.name):
         if not (base_dir / "config.json").is_file():
             if not main_process:
@@ -79,6 +84,8 @@ def load_base(
                 model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
         source, options = str(base_dir), {}
+    elif is_packaged(config.name):
+        source, options = str(packaged_folder(config.name)), {}
     else:
         source = config.name
         options = {"trust_remote_code": config.trust_remote_code, "revision": config.revision}
@@ -93,6 +100,8 @@ def load_base(
 
         quantization["quantization_config"] = BitsAndBytesConfig(**config.quantization)
     dtype = "auto" if config.dtype == "auto" else getattr(torch, config.dtype)
+    if dtype == "auto" and is_packaged(config.name):
+        dtype = torch.bfloat16 if supports_bf16() else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
         model = AutoModelForCausalLM.from_pretrained(

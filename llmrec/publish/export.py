@@ -126,10 +126,13 @@ def make_portable(folder: Path, out: Path, run, recipe, what: str, tokenizer=Non
     `base_model_name_or_path` names the base as it loads from any working directory (a `tiny:` base is copied into
     `base/`), the run's tokenizer is beside the adapter (`tokenizer`, or final/'s), and README.md says what it is
     and how to load it. Every export path calls this, inside its `atomic_dir`."""
+    from llmrec.models.packaged import is_packaged, packaged_folder
     from llmrec.models.tiny import is_tiny
 
     name = recipe.model.name
-    if is_tiny(name):
+    if is_packaged(name):  # the GGUF's de-quantised weights, not the Hub's original ones: the converted folder
+        base = str(packaged_folder(name).resolve())
+    elif is_tiny(name):
         if not (run.base / "config.json").is_file():
             raise LLMRecError(f"the run's tiny base model is missing from {run.base}; rerun `llmrec eval` on the run "
                               "to rebuild it.", str(run.path))
@@ -146,7 +149,7 @@ def make_portable(folder: Path, out: Path, run, recipe, what: str, tokenizer=Non
     config_file = folder / "adapter_config.json"
     config = read_json(config_file)
     config["base_model_name_or_path"] = base
-    if recipe.model.revision and not is_tiny(name) and not _is_folder(name):
+    if recipe.model.revision and not is_tiny(name) and not is_packaged(name) and not _is_folder(name):
         config["revision"] = recipe.model.revision
     write_json(config_file, config)
     if tokenizer is None:
@@ -164,14 +167,20 @@ def _is_folder(name: str) -> bool:
 
 
 def _readme(run, recipe, out: Path, base: str, config: dict, what: str, module: str) -> str:
+    from llmrec.models.packaged import PACKAGED
     from llmrec.models.tiny import is_tiny
     from llmrec.versions import library_versions
 
     lora = config.get("peft_type") == "LORA"
     tiny = is_tiny(recipe.model.name)
     versions = library_versions()
+    packaged = PACKAGED.get(recipe.model.name)
     if tiny:
         origin = f"`{recipe.model.name}`, built by llmrec for this run and on no Hub, so it is in `base/`"
+    elif packaged is not None:
+        origin = (f"`{recipe.model.name}`, converted by llmrec from the 4-bit GGUF of the registry package "
+                  f"{packaged.distribution} ({packaged.install}); on another machine `llmrec` converts it again "
+                  f"into its cache. The original weights, {packaged.hub_id}, differ by the quantisation")
     elif base == recipe.model.name:
         origin = "from the Hugging Face Hub" + (f", revision `{config['revision']}`" if config.get("revision") else "")
     else:

@@ -215,9 +215,18 @@ def _data(recipe, load: bool) -> list[tuple[str, tuple, str]]:
 
 def _model(name: str, revision: str | None, where: tuple, depth: int = 0) -> list[tuple[str, tuple, str]]:
     """A model that `AutoModelForCausalLM.from_pretrained(name, use_safetensors=True)` loads without a network."""
+    from llmrec.models.packaged import is_packaged
     from llmrec.models.tiny import is_tiny
 
     if is_tiny(name):
+        return []
+    if is_packaged(name):  # its package must be installed; the conversion into the cache happens at the first load
+        from llmrec.models.packaged import gguf_file
+
+        try:
+            gguf_file(name)
+        except LLMRecError as err:
+            return [(PROBLEM, where, err.message)]
         return []
     folder = Path(name).expanduser()
     if folder.is_dir():
