@@ -21,15 +21,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_small_run_leaves_a_complete_self_describing_run_directory(tmp_path, capsys):
-    recipe_path = write_recipe(tmp_path / "r.yaml", small_recipe(tmp_path / "runs"))
+    recipe = small_recipe(tmp_path / "runs")
+    recipe["eval"].update(baselines=["popularity", "random", "bpr_mf", "sasrec"],
+                          baseline_args={"bpr_mf": {"epochs": 2}, "sasrec": {"dim": 8, "epochs": 2}})
+    recipe_path = write_recipe(tmp_path / "r.yaml", recipe)
     assert main(["train", str(recipe_path)]) == 0
     printed = capsys.readouterr().out
-    assert "popularity" in printed and "model" in printed
+    assert all(name in printed for name in ("model", "popularity", "bpr_mf", "sasrec"))
 
     run = tmp_path / "runs" / "small"
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("test/hr@5", "test/ndcg@10", "baseline/popularity/test/hr@10", "baseline/random/test/ndcg@5",
-                "test/valid_item_ratio"):
+                "baseline/bpr_mf/test/hr@10", "baseline/sasrec/test/ndcg@10", "test/valid_item_ratio"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["test/targets"] == 60 and metrics["train/stage0-sft/global_step"] == 6
     assert json.loads((run / "status.json").read_text())["state"] == "complete"

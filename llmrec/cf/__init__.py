@@ -1,7 +1,8 @@
 """Collaborative-filtering models: user and item embeddings learned from interactions alone.
 
 Methods that inject collaborative knowledge into an LLM (CoRA and the like) need a frozen CF model that maps a
-user and an item to vectors whose dot product predicts preference. This package trains one.
+user and an item to vectors whose dot product predicts preference. This package trains one; it also trains the
+classical rankers the LLM rankers are compared with (BPR-MF, which is `mf` below, and SASRec in `llmrec.cf.sasrec`).
 
 **Models.** `mf` is matrix factorisation: one free embedding per user and per item, score(u, i) = <e_u, e_i>.
 `lightgcn` (He et al., 2020) keeps the same free tables as layer 0 and propagates them over the user–item
@@ -39,8 +40,9 @@ and `cf_model.json` atomically; `CFModel.load` reads them back. Training is dete
 
 from __future__ import annotations
 
-from .config import CFConfig
+from .config import CFConfig, SASRecConfig
 from .model import CFModel
+from .sasrec import SASRecModel, train_sasrec
 from .train import train_cf
 
-__all__ = ["CFConfig", "CFModel", "train_cf"]
+__all__ = ["CFConfig", "CFModel", "SASRecConfig", "SASRecModel", "train_cf", "train_sasrec"]

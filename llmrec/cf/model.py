@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from llmrec.errors import LLMRecError
 from llmrec.files import read_json, write_json
 
+from .ranking import top_k
+
 WEIGHTS = "cf_model.safetensors"
 META = "cf_model.json"
 FORMAT_VERSION = 1
@@ -80,6 +82,11 @@ class CFModel:
         if users.ndim and items.ndim and users.numel() != items.numel():
             raise ValueError(f"score needs as many user ids as item ids ({users.numel()} vs {items.numel()})")
         return (self.user_embeddings[users] * self.item_embeddings[items]).sum(-1)
+
+    def rank(self, user_ids: Sequence[str], k: int, exclude: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
+        """The top-k catalog items of each user by score (`exclude[n]` never recommended to user n)."""
+        scores = self.user_embeddings[self.user_index(list(user_ids))] @ self.item_embeddings.T
+        return top_k(scores, self.item_ids, exclude, k)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write `cf_model.safetensors` (the two tables) and `cf_model.json` (ids, config, history), atomically."""

@@ -15,7 +15,7 @@ Evaluators take models, tokenizers and plain rows; what a split's rows are is th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -45,7 +45,17 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1, description="Prompts per beam-search (or CTR / classification scoring) batch.")
     max_targets: int | None = Field(None, ge=1, description="Rank a seeded sample of this many targets (None: all).")
     exclude_history: bool = Field(True, description="Never recommend items the user already interacted with.")
-    baselines: list[Literal["popularity", "random"]] = Field(default_factory=lambda: ["popularity", "random"])
+    baselines: list[Literal["popularity", "random", "bpr_mf", "sasrec"]] = Field(
+        default_factory=lambda: ["popularity", "random"],
+        description="ranking: the rankers measured beside the model on the same targets: popularity, random, "
+        "bpr_mf (matrix factorisation trained with BPR on the train split) and sasrec (SASRec on the users' "
+        "training sequences); the last two train once per run, on the CPU.",
+    )
+    baseline_args: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="ranking: settings of the trained baselines, by name: bpr_mf takes llmrec.cf.CFConfig's keys "
+        "(its positives default to all), sasrec llmrec.cf.SASRecConfig's (dim, num_layers, epochs, ...).",
+    )
     samples: int = Field(16, ge=1, description="reasoning: solutions sampled per question (mean@n, maj@n, pass@n).")
     temperature: float = Field(0.8, gt=0, description="reasoning: sampling temperature of those solutions.")
     max_new_tokens: int = Field(64, ge=1, description="reasoning: longest solution sampled.")

@@ -9,9 +9,12 @@ excluded when `eval.exclude_history` (the baselines exclude them too, on the sam
 `<split>/hr@K`, `<split>/ndcg@K`, `<split>/over_rec@K` (share of top-K slots taken by the three most recommended
 items) for K in `eval.ks`, `<split>/targets`, `<split>/catalog_items`, `<split>/valid_item_ratio` (greedy,
 unconstrained generations that are exactly a title), and the baselines' `hr@K`, `ndcg@K`, `over_rec@K` under
-`baseline/<popularity|random>/<split>/`. Predictions: per target, the ranked items with their log-probabilities
-and `target_rank` (1-based, null when the target is not among them). The `ood_popularity` targets are a
-popularity-shifted draw of the test targets (`data.shifts`); the other OOD splits are held-out interactions.
+`baseline/<name>/<split>/` for the `eval.baselines`: popularity, random, and the trained ones, bpr_mf and
+sasrec (`llmrec.cf`; trained once per run on the train split, early-stopped on valid, with `eval.baseline_args`;
+BPR-MF ranks by the user's embedding, so a user without training interactions gets noise, while SASRec reads the
+target's earlier items, the last `max_length` of them). Predictions: per target, the ranked items with their
+log-probabilities and `target_rank` (1-based, null when the target is not among them). The `ood_popularity` targets
+are a popularity-shifted draw of the test targets (`data.shifts`); the other OOD splits are held-out interactions.
 """
 
 from __future__ import annotations
@@ -107,12 +110,17 @@ every recommendation is a real item."""
         k = max(config.ks)
         rng = random.Random(seed)
         items = sorted(data.titles)
+        excluded = [t.history if config.exclude_history else [] for t in targets]
         for name in config.baselines:
             if name == "popularity":
                 order = popularity_order(data)
-                base = [top_k_excluding(order, t.history if config.exclude_history else [], k) for t in targets]
+                base = [top_k_excluding(order, banned, k) for banned in excluded]
+            elif name == "random":
+                base = [random_ranking(items, banned, k, rng) for banned in excluded]
+            elif name == "bpr_mf":
+                base = self._trained_baseline(name, data).rank([t.user_id for t in targets], k, excluded)
             else:
-                base = [random_ranking(items, t.history if config.exclude_history else [], k, rng) for t in targets]
+                base = self._trained_baseline(name, data).rank([t.history for t in targets], k, excluded)
             for key, value in ranking_metrics(base, wanted, config.ks).items():
                 metrics[baseline_prefix(name, split) + key] = value
 
@@ -129,6 +137,50 @@ every recommendation is a real item."""
             for t, row, ranking in zip(targets, ranked, rankings)
         ]
         return metrics, predictions
+
+    def _trained_baseline(self, name: str, data):
+        """BPR-MF or SASRec trained on `data` with `eval.baseline_args`, once per run (every split reuses it)."""
+        from llmrec.cf import train_cf, train_sasrec
+
+        trained = self.__dict__.setdefault("_baselines", {})
+        if (name, id(data)) not in trained:
+            logger.info(f"Training the {name} baseline on the train split.")
+            if name == "bpr_mf":
+                model = train_cf(data, self._baseline_config(name), self.recipe.run.seed)
+            else:
+                model = train_sasrec(data, self._baseline_config(name), self.recipe.run.seed)
+            trained[(name, id(data))] = model
+        return trained[(name, id(data))]
+
+    def _baseline_config(self, name: str):
+        from llmrec.cf import CFConfig, SASRecConfig
+
+        args = self.recipe.eval.baseline_args.get(name, {})
+        if name == "bpr_mf":
+            return CFConfig.model_validate({"model": "mf", "positives": "all", **args})
+        return SASRecConfig.model_validate(args)
+
+    def needs(self) -> list:
+        from pydantic import ValidationError
+
+        needs = super().needs()
+        config = self.recipe.eval
+        for name in config.baseline_args:
+            if name not in ("bpr_mf", "sasrec"):
+                needs.append((("eval", "baseline_args", name), f"{name!r} is not a trained baseline; baseline_args "
+                              "takes bpr_mf and sasrec."))
+                continue
+            if name not in config.baselines:
+                needs.append((("eval", "baseline_args", name), f"settings for {name}, which eval.baselines does not "
+                              "list; add it there or drop them."))
+            try:
+                self._baseline_config(name)
+            except ValidationError as error:
+                first = error.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                needs.append((("eval", "baseline_args", name, *first["loc"][:1]),
+                              f"{name} {where}: {first['msg']}." if where else f"{name}: {first['msg']}."))
+        return needs
 
     def recommend(self, model, tokenizer, data, k: int, user: str | None = None,
                   history: list[str] | None = None) -> dict:
