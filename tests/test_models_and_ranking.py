@@ -186,3 +186,27 @@ def test_over_recommendation_ratio_by_hand():
     assert over_recommendation(rankings, 2) == 1.0
     # top-4 slots (12): a×3, b×2, c×2 -> 7/12
     assert over_recommendation(rankings, 4) == pytest.approx(7 / 12)
+
+
+def test_the_prompt_cache_shared_by_the_beams_gives_the_exact_ranking(model, tokenizer):
+    """Prompts of different lengths in one batch (left padding): the ranking with the prompt computed once and
+    repeated for the beams equals the brute-force one, and generate() without the shared cache."""
+    from llmrec.eval import ranking
+
+    trie = CatalogTrie.from_titles(tokenizer, TITLES, ANCHOR)
+    prompts = [f"History:\nGolden River{ANCHOR}", f"History:\nSilent Road\nWild Jazz\nLost Letters{ANCHOR}"]
+    shared = rank_with_model(model, tokenizer, trie, prompts, None, len(TITLES), 2, progress=False)
+    for prompt, result in zip(prompts, shared):
+        expected = _brute_force(model, tokenizer, prompt, trie)
+        assert [item for item, _ in result] == sorted(expected, key=expected.get, reverse=True)
+        assert [score for _, score in result] == pytest.approx([expected[item] for item, _ in result], abs=1e-4)
+
+    original = ranking.shared_prompt_cache
+    try:
+        ranking.shared_prompt_cache = lambda *args: {}
+        unshared = rank_with_model(model, tokenizer, trie, prompts, None, len(TITLES), 2, progress=False)
+    finally:
+        ranking.shared_prompt_cache = original
+    for a, b in zip(shared, unshared):
+        assert [item for item, _ in a] == [item for item, _ in b]
+        assert [score for _, score in a] == pytest.approx([score for _, score in b], abs=1e-4)

@@ -16,6 +16,7 @@ every process. The ranking task (`llmrec.tasks.ranking`) picks the targets and t
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Sequence
 
@@ -83,6 +84,7 @@ def rank_with_model(
         prompt_length = encoded["input_ids"].shape[1]
         output = model.generate(
             **encoded,
+            **shared_prompt_cache(model, encoded, beams),
             num_beams=beams,
             num_return_sequences=beams,
             max_new_tokens=trie.depth,
@@ -111,6 +113,27 @@ def rank_with_model(
             results.append(ranked)
     model.train(was_training)
     return results
+
+
+def shared_prompt_cache(model, encoded, beams: int) -> dict:
+    """generate()'s cache argument holding each prompt but its last token, computed once and repeated for its beams
+    ({} where it does not apply: one beam, or a soft-prompt adapter, whose virtual tokens PEFT adds in generate).
+
+    generate() copies every prompt `beams` times before its first forward, so beam search would run the prompt
+    through the model once per beam: with a real model and a long history that prefill is most of the ranking's
+    cost. Handed this cache, generate() runs only the prompt's last token and then the titles.
+    """
+    config = getattr(model, "active_peft_config", None)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    if beams == 1 or ids.shape[1] < 2 or getattr(config, "is_prompt_learning", False):
+        return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"  # transformers 5
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded prompts
+    output = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True)
+    cache = output[name]
+    cache.batch_repeat_interleave(beams)
+    return {name: cache}
 
 
 def _greedy_logprobs(output, prompt_length: int, eos: int) -> list[float]:
