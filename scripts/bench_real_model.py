@@ -67,7 +67,8 @@ def main() -> None:
                                 capture_output=True, text=True, check=True)
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     print(f"{platform.machine()} CPU, {rows[0]['threads']} torch threads, SmolLM2-135M-Instruct in "
-          f"{rows[0]['dtype']}, LoRA r 8 on every linear layer, batch {args.batch}, median of {args.steps} steps after one warm-up\n")
+          f"{rows[0]['dtype']}, LoRA r 8 on every linear layer, batch {args.batch}, median of {args.steps} steps "
+          "after one warm-up\n")
     print("| sequence length | step (s) | training tokens / s | peak memory (MiB) |\n|---:|---:|---:|---:|")
     for row in rows:
         print(f"| {row['length']} | {row['step_s']:.2f} | {row['tokens_per_s']:.0f} | {row['peak_mib']:.0f} |")
