@@ -6,8 +6,14 @@
     llmrec recommend RUN_DIR --user USER_ID [-k 10]            top-K items for one user (ranking runs)
     llmrec export RUN_DIR OUT [--to peft-lora|peft-prompt-tuning] [--user U [--item I] | --client K]
                                                                the trained adapter in a stock PEFT format
+    llmrec push RUN_DIR REPO_ID [--private] [--revision BRANCH] [--user U [--item I] | --client K]
+                [--include-base] [--license ID] [--commit-message M] [--dry-run]
+                                                               publish the run on the Hugging Face Hub
     llmrec recipe check|show RECIPE [key=value ...] [--all]    validate, or print the resolved recipe
     llmrec data stats RECIPE [key=value ...]                   counts per split and an example row
+
+RUN_DIR may be `hf://owner/repo[@revision]` for `eval`, `recommend` and `export`: a pushed run, fetched through
+huggingface_hub's cache (`eval` then prints the metrics and writes nothing).
 
 Many processes: `accelerate launch --config_file accelerate_configs/ddp.yaml -m llmrec train RECIPE`.
 Mistakes in the input print one paragraph naming the place and exit with status 2; `--debug` adds the traceback.
@@ -82,6 +88,21 @@ def _parser() -> argparse.ArgumentParser:
                         "global one)")
     export.add_argument("out", help="the new adapter folder")
 
+    push = commands.add_parser("push", help="publish a finished run on the Hugging Face Hub (one commit)")
+    push.add_argument("run_dir")
+    push.add_argument("repo_id", help="owner/name on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", help="the branch to commit to (created from main when missing)")
+    push_who = push.add_mutually_exclusive_group()
+    push_who.add_argument("--user", help="CoRA: publish this user's weights as a stock PEFT LoRA adapter")
+    push.add_argument("--item", help="CoRA conditioned on (user, item): the item")
+    push_who.add_argument("--client", type=int, help="a federated run: this client's personal adapter")
+    push.add_argument("--include-base", action="store_true",
+                      help="also upload a base model that is on no Hub (a tiny: preset or a local folder) as base/")
+    push.add_argument("--license", help="the licence id for the card (default: other)")
+    push.add_argument("--commit-message", help="the commit message")
+    push.add_argument("--dry-run", action="store_true", help="list the files and print the card; contact nothing")
+
     recipe = commands.add_parser("recipe", help="check or print a recipe")
     recipe_commands = _Commands(recipe.add_subparsers(dest="recipe_command", required=True))
     for name, text in (("check", "validate without running"), ("show", "print the resolved recipe with defaults")):
@@ -151,6 +172,14 @@ def _dispatch(args: argparse.Namespace) -> None:
         _recommend(args)
     elif args.command == "export":
         _export(args)
+    elif args.command == "push":
+        from llmrec.publish.push import push
+
+        if args.item and not args.user:
+            raise LLMRecError("--item needs --user (CoRA conditioned on a user-item pair).", "--item")
+        print(push(args.run_dir, args.repo_id, private=args.private, revision=args.revision, user=args.user,
+                   item=args.item, client=args.client, commit_message=args.commit_message, dry_run=args.dry_run,
+                   include_base=args.include_base, license=args.license))
 
 
 def _federate(args: argparse.Namespace) -> None:
@@ -204,7 +233,8 @@ def _data_stats(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from llmrec.run import finish
+    from llmrec.hub import is_hub_ref
+    from llmrec.run import finish, print_summary
     from llmrec.rundir import load_trained
     from llmrec.tasks import task_of
 
@@ -217,7 +247,11 @@ def _eval(args: argparse.Namespace) -> None:
     for split in [args.split] if args.split else recipe.eval.splits:
         split_metrics, predictions[split] = task.evaluate(model, tokenizer, data, split)
         metrics.update(split_metrics)
-    if PartialState().is_main_process:
+    if not PartialState().is_main_process:
+        return
+    if is_hub_ref(args.run_dir):  # a published run is read-only: print its metrics, write nothing
+        print_summary(metrics, recipe, list(predictions))
+    else:
         finish(run, recipe, data, metrics, predictions)
 
 

@@ -205,12 +205,14 @@ def load_base_model(recipe, run: RunDir, data, state):
 
 
 def load_trained(run_dir: str | Path):
-    """(recipe, data, model, tokenizer, run) of a finished run, reloaded from its run directory."""
+    """(recipe, data, model, tokenizer, run) of a finished run, reloaded from its run directory (or from a pushed
+    run, `hf://owner/repo[@revision]`)."""
     from llmrec.adapters import get_adapter
     from llmrec.data import load_data
+    from llmrec.hub import local_run_dir
     from llmrec.recipe import load_recipe
 
-    run = RunDir(run_dir)
+    run = RunDir(local_run_dir(run_dir))
     run.require(final=True)
     recipe = load_recipe(run.recipe_file, instantiate=False)
     state = process_state()

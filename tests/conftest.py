@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -61,6 +62,33 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None =
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@contextlib.contextmanager
+def inside(folder: Path):
+    """The working directory is `folder` for a while (a user's shell in their project)."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield folder
+    finally:
+        os.chdir(before)
+
+
+def train_tiny(root: Path, name: str, **sections) -> Path:
+    """A few steps of a tiny run, trained in `root/project` with a relative output_dir (as a user would);
+    returns the project folder."""
+    from llmrec.recipe import load_recipe
+    from llmrec.run import train
+
+    project = root / "project"
+    project.mkdir(exist_ok=True)
+    recipe = small_recipe(Path("runs"), name, **sections)
+    recipe["stages"][0]["args"].update(max_steps=3, save_steps=3)
+    recipe["eval"].update(max_targets=8, valid_item_samples=0)
+    with inside(project):
+        train(load_recipe(write_recipe(Path(f"{name}.yaml"), recipe)))
+    return project
 
 
 @pytest.fixture

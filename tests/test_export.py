@@ -4,9 +4,7 @@ llmrec's own model, and its README's code runs as written."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, small_recipe, write_recipe
+from conftest import inside, run_cli, small_recipe, train_tiny
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -34,38 +32,11 @@ with torch.no_grad():
 """
 
 
-@contextlib.contextmanager
-def _inside(folder: Path):
-    """The working directory is `folder` for a while (a user's shell in their project)."""
-    before = Path.cwd()
-    os.chdir(folder)
-    try:
-        yield folder
-    finally:
-        os.chdir(before)
-
-
-def _train(root: Path, name: str, **sections) -> Path:
-    """A few steps of a tiny run, trained in `root/project` with a relative output_dir (as a user would);
-    returns the project folder."""
-    from llmrec.recipe import load_recipe
-    from llmrec.run import train
-
-    project = root / "project"
-    project.mkdir(exist_ok=True)
-    recipe = small_recipe(Path("runs"), name, **sections)
-    recipe["stages"][0]["args"].update(max_steps=3, save_steps=3)
-    recipe["eval"].update(max_targets=8, valid_item_samples=0)
-    with _inside(project):
-        train(load_recipe(write_recipe(Path(f"{name}.yaml"), recipe)))
-    return project
-
-
 def _export(project: Path, name: str, **args) -> Path:
     """`export_peft_* runs/NAME ../exports/NAME` from the project folder, as in the issue."""
     from llmrec.publish.export import export_peft_lora, export_peft_prompt_tuning
 
-    with _inside(project):
+    with inside(project):
         export = export_peft_prompt_tuning if args.pop("prompt_tuning", False) else export_peft_lora
         export(f"runs/{name}", f"../exports/{name}", **args)
     return (project.parent / "exports" / name).resolve()
@@ -110,7 +81,7 @@ def _check_portable(out: Path) -> str:
 
 @pytest.fixture(scope="module")
 def lora_project(tmp_path_factory) -> Path:
-    return _train(tmp_path_factory.mktemp("lora"), "lora")
+    return train_tiny(tmp_path_factory.mktemp("lora"), "lora")
 
 
 def test_a_tiny_lora_export_loads_with_stock_peft_from_another_directory_with_llmrecs_logits(lora_project):
@@ -167,7 +138,7 @@ def test_a_hub_or_local_base_is_named_as_it_loads_from_anywhere(lora_project, tm
 
 def test_a_lamp_prompt_tuning_export_loads_from_another_directory(tmp_path):
     adapter = {"method": "lamp", "args": {"num_virtual_tokens": 8, "r": 4, "pool_size": 2}}
-    project = _train(tmp_path, "lamp", adapter=adapter, data={**small_recipe(tmp_path)["data"],
+    project = train_tiny(tmp_path, "lamp", adapter=adapter, data={**small_recipe(tmp_path)["data"],
                                                               "task": {"history_length": 3}})
     out = _export(project, "lamp", prompt_tuning=True)
     readme = _check_portable(out)
@@ -186,7 +157,7 @@ def test_a_cora_export_for_one_user_loads_from_another_directory(tmp_path):
                                           "cf_epochs": 2, "conditioning": "user"}}
     stages = [{"trainer": "ctr", "args": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
                                          "logging_steps": 3, "save_steps": 3}}]
-    project = _train(tmp_path, "cora", data=data, adapter=adapter, stages=stages,
+    project = train_tiny(tmp_path, "cora", data=data, adapter=adapter, stages=stages,
                      eval={"task": "ctr", "splits": ["test"], "batch_size": 32})
     out = _export(project, "cora", user="u0001")
     readme = _check_portable(out)

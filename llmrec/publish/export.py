@@ -41,10 +41,11 @@ VLLM_LORA_RANKS = (16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank cho
 
 
 def _finished_run(run_dir: str | Path, out: str | Path):
+    from llmrec.hub import local_run_dir
     from llmrec.recipe import load_recipe
     from llmrec.rundir import RunDir
 
-    run = RunDir(run_dir)
+    run = RunDir(local_run_dir(run_dir))
     run.require(final=True)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -59,7 +60,7 @@ def export_peft_prompt_tuning(run_dir: str | Path, out: str | Path) -> Path:
     if recipe.adapter.method not in ("ept", "lamp"):
         raise LLMRecError(f"only EPT and LAMP runs export to a PEFT prompt-tuning adapter; this run's adapter is "
                           f"{recipe.adapter.method!r}.", "adapter.method")
-    _, _, model, tokenizer, _ = load_trained(run_dir)
+    _, _, model, tokenizer, _ = load_trained(run.path)
     with atomic_dir(out) as tmp:
         model.to_peft_prompt_tuning(tmp)
         make_portable(tmp, out, run, recipe, f"the run's final {recipe.adapter.method.upper()} prompt "
@@ -87,7 +88,7 @@ def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = No
     if client is not None:
         raise LLMRecError("--client is for federated runs (`llmrec federate`).", "--client")
     if method == "fedlora":
-        _, _, model, tokenizer, _ = load_trained(run_dir)
+        _, _, model, tokenizer, _ = load_trained(run.path)
         with atomic_dir(out) as tmp:
             model.to_peft_lora(tmp)
             make_portable(tmp, out, run, recipe, "the run's FedLoRA adapter, its A and B materialised", tokenizer)
@@ -107,7 +108,7 @@ def export_peft_lora(run_dir: str | Path, out: str | Path, user: str | None = No
     if user is None:
         raise LLMRecError("a CoRA adapter is materialised for one user; pass --user (and --item unless it is "
                           "user-conditioned).", "--user")
-    _, _, model, tokenizer, _ = load_trained(run_dir)
+    _, _, model, tokenizer, _ = load_trained(run.path)
     pair = f"user {user!r}" + (f" and item {item!r}" if item else "")
     with atomic_dir(out) as tmp:
         model.to_peft_lora(tmp, user, item)
