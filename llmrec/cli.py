@@ -9,6 +9,8 @@
     llmrec push RUN_DIR REPO_ID [--private] [--revision BRANCH] [--user U [--item I] | --client K]
                 [--include-base] [--license ID] [--commit-message M] [--dry-run]
                                                                publish the run on the Hugging Face Hub
+    llmrec merge RUN_DIR RUN_DIR [...] --method M [--weights W,W,...] [--density D] [--rank R] OUT
+                                                               LoRA runs on one base merged into a new run
     llmrec recipe check|show RECIPE [key=value ...] [--all]    validate, or print the resolved recipe
     llmrec data stats RECIPE [key=value ...]                   counts per split and an example row
 
@@ -103,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", help="the commit message")
     push.add_argument("--dry-run", action="store_true", help="list the files and print the card; contact nothing")
 
+    merge = commands.add_parser("merge", help="merge finished LoRA runs on one base into a new, evaluated run")
+    merge.add_argument("paths", nargs="+", metavar="RUN_DIR ... OUT",
+                       help="two or more finished LoRA runs, then the new run directory")
+    merge.add_argument("--method", required=True, choices=["task_arithmetic", "ties", "dare_linear", "dare_ties",
+                                                           "svd", "cat"])
+    merge.add_argument("--weights", help="one weight per run, comma-separated, e.g. 0.7,0.3 (default: 1 each)")
+    merge.add_argument("--density", type=float, help="ties, dare_*: the share of each task vector kept")
+    merge.add_argument("--rank", type=int, help="the merged rank (default: the sum of the ranks, exact)")
+    merge.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
+
     recipe = commands.add_parser("recipe", help="check or print a recipe")
     recipe_commands = _Commands(recipe.add_subparsers(dest="recipe_command", required=True))
     for name, text in (("check", "validate without running"), ("show", "print the resolved recipe with defaults")):
@@ -125,7 +137,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "merge" and not any(e.startswith("-") for e in extra):
+        args.paths += extra  # argparse takes one run of positionals; OUT may follow the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     setup_logging(args.debug)
@@ -172,6 +189,18 @@ def _dispatch(args: argparse.Namespace) -> None:
         _recommend(args)
     elif args.command == "export":
         _export(args)
+    elif args.command == "merge":
+        from llmrec.merging import MergeConfig
+        from llmrec.merging.runs import merge_runs
+
+        try:
+            weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+        except ValueError:
+            raise LLMRecError(f"{args.weights!r} is not a comma-separated list of numbers.", "--weights") from None
+        config = MergeConfig(method=args.method, weights=weights, density=args.density, rank=args.rank,
+                             seed=args.seed)
+        *runs, out = args.paths
+        print(merge_runs(runs, out, config))
     elif args.command == "push":
         from llmrec.publish.push import push
 

@@ -1,0 +1,166 @@
+"""Static merges of LoRA adapters (`llmrec.merging`): exactness against W0 + Σ w_k ΔW_k computed by hand, the SVD
+truncation and its reported error, the configuration's refusals, and `llmrec merge` on finished runs (a new run
+directory that reloads, evaluates and exports; incompatible runs refused with the reason)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import train_tiny
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from llmrec.cli import main
+from llmrec.errors import LLMRecError
+from llmrec.merging import MergeConfig, merge_loaded
+
+WEIGHTS = [0.7, 0.4]
+
+
+@pytest.fixture
+def two_adapters(base, tokenizer):
+    """A PeftModel with two random (non-zero) LoRA adapters of ranks 4 and 2 on all linear layers."""
+    torch.manual_seed(0)
+    plain = copy.deepcopy(base)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                           init_lora_weights=False), adapter_name="input0")
+    model.add_adapter("input1", LoraConfig(r=2, lora_alpha=6, target_modules="all-linear", init_lora_weights=False))
+    return model, tokenizer(["A user liked these items: Golden Jazz River."], return_tensors="pt"), plain
+
+
+def _exact(adapters, weights) -> torch.Tensor:
+    """Logits of W0 + Σ_k w_k ΔW_k, the weights written into a copy of the plain base."""
+    model, inputs, plain = adapters
+    plain = copy.deepcopy(plain)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                delta = sum(w * module.get_delta_weight(a) for a, w in zip(["input0", "input1"], weights))
+                plain.get_submodule(name.removeprefix("base_model.model.")).weight += delta
+        return plain(**inputs).logits
+
+
+def _merged_logits(adapters, config) -> tuple[torch.Tensor, dict]:
+    model, inputs, _ = adapters
+    errors = merge_loaded(model, ["input0", "input1"], config)
+    with torch.no_grad():
+        return model.eval()(**inputs).logits, errors
+
+
+@pytest.mark.parametrize("config", [MergeConfig("cat", WEIGHTS), MergeConfig("task_arithmetic", WEIGHTS),
+                                    MergeConfig("svd", WEIGHTS, rank=6),
+                                    MergeConfig("dare_linear", WEIGHTS, density=1.0)],
+                         ids=["cat", "task_arithmetic", "svd-full-rank", "dare-density-1"])
+def test_exact_merges_give_the_logits_of_the_weighted_delta_sum(two_adapters, config):
+    model = two_adapters[0]
+    expected = _exact(two_adapters, WEIGHTS)
+    logits, errors = _merged_logits(two_adapters, config)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert model.peft_config["default"].r == 6
+    assert all(error < 1e-5 for error in errors.values())
+    separately = _exact(two_adapters, [1.0, 1.0])
+    assert not torch.allclose(separately, expected, atol=1e-3)  # the weights matter
+
+
+def test_a_truncated_svd_reports_each_layers_frobenius_error(two_adapters):
+    model = two_adapters[0]
+    expected = _exact(two_adapters, WEIGHTS)
+    logits, errors = _merged_logits(two_adapters, MergeConfig("svd", WEIGHTS, rank=1))
+    assert model.peft_config["default"].r == 1 and not torch.allclose(logits, expected, atol=1e-4)
+    layers = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    assert len(errors) == len(layers) and all(0.05 < error < 1 for error in errors.values())
+    name = next(iter(errors))
+    module = model.get_submodule(f"base_model.model.{name}")
+    exact = sum(w * module.get_delta_weight(a) for a, w in zip(["input0", "input1"], WEIGHTS))
+    by_hand = (torch.linalg.matrix_norm(exact - module.get_delta_weight("default")) / torch.linalg.matrix_norm(exact))
+    assert errors[name] == pytest.approx(by_hand.item(), rel=1e-4)
+
+
+def test_ties_trims_and_elects_signs_so_it_differs_from_the_sum(two_adapters):
+    expected = _exact(two_adapters, WEIGHTS)
+    logits, _ = _merged_logits(two_adapters, MergeConfig("ties", WEIGHTS, density=0.3))
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"method": "ties"}, "ties needs a density in (0, 1]"),
+    ({"method": "dare_ties", "density": 1.5}, "dare_ties needs a density"),
+    ({"method": "cat", "rank": 4}, "cat's rank is the sum"),
+    ({"method": "svd", "density": 0.5}, "svd keeps every entry"),
+    ({"method": "mean"}, "unknown merging method 'mean'"),
+])
+def test_impossible_configurations_are_refused_with_the_reason(arguments, message):
+    with pytest.raises(LLMRecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        MergeConfig(**arguments)
+
+
+def test_one_weight_per_adapter(two_adapters):
+    with pytest.raises(LLMRecError, match="3 weights for 2 adapters"):
+        merge_loaded(two_adapters[0], ["input0", "input1"], MergeConfig("cat", [1.0, 1.0, 1.0]))
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    first = train_tiny(root, "first") / "runs" / "first"
+    stages = [{"trainer": "sft", "args": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+                                         "logging_steps": 3, "save_steps": 3, "max_length": 128}}]
+    second = train_tiny(root, "second", stages=stages) / "runs" / "second"
+    return first, second
+
+
+@pytest.mark.slow
+def test_merged_runs_make_a_run_that_reloads_evaluates_and_exports(two_runs, tmp_path, capsys):
+    from llmrec.rundir import load_trained
+
+    first, second = two_runs
+    out = tmp_path / "merged"
+    assert main(["merge", str(first), str(second), "--method", "cat", "--weights", "0.5,0.5", str(out)]) == 0
+    record = json.loads((out / "merge.json").read_text())
+    assert record["peft_combination"] == "cat" and record["rank"] == 8 and len(record["inputs"]) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "test/hr@10" in metrics and "## Merge" in (out / "README.md").read_text()
+
+    _, _, merged, tokenizer, _ = load_trained(out)
+    inputs = tokenizer(["The user interacted with these items, most recent last:"], return_tensors="pt")
+    models = [load_trained(run)[2] for run in (first, second)]
+    expected = _exact_from_runs(models, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+    assert main(["export", str(out), str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["r"] == 8
+    capsys.readouterr()
+
+
+def _exact_from_runs(models, inputs) -> torch.Tensor:
+    """Logits of W0 + 0.5 ΔW_first + 0.5 ΔW_second from the two reloaded runs."""
+    with torch.no_grad():
+        deltas = {name.removeprefix("base_model.model."): 0.5 * module.get_delta_weight("default")
+                  + 0.5 * models[1].get_submodule(name).get_delta_weight("default")
+                  for name, module in models[0].named_modules() if isinstance(module, LoraLayer)}
+        base = models[0].unload()
+        for name, delta in deltas.items():
+            base.get_submodule(name).weight += delta
+        return base.eval()(**inputs).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"adapter": {"method": "lora", "args": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
+     "merged adapters must target the same modules"),
+    ({"data": {"source": {"format": "synthetic", "num_users": 60, "num_items": 30, "max_interactions": 15}}},
+     "base differs from the first run's"),
+    ({"data": {"source": {"format": "synthetic", "num_users": 50, "num_items": 40, "max_interactions": 15}}},
+     "its data or evaluation differ from the first run's"),
+    ({"adapter": {"method": "prompt_tuning", "args": {"num_virtual_tokens": 4}}}, "only LoRA runs merge"),
+])
+def test_runs_that_cannot_merge_are_refused_with_the_reason(two_runs, tmp_path, capsys, sections, message):
+    other = train_tiny(tmp_path, "other", **sections) / "runs" / "other"
+    code = main(["merge", str(two_runs[0]), str(other), "--method", "cat", str(tmp_path / "merged")])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and str(other) in error
+    assert not (tmp_path / "merged").exists()
+
