@@ -183,3 +183,18 @@ def test_no_network_is_one_paragraph_after_the_retries(lora_run, hub, capsys):
     code, output = _push(capsys, lora_run, "alice/quick", "--include-base")
     assert code == 2 and "error: alice/quick: could not reach the Hub" in output and "Nothing was published" in output
     assert output.count("retrying") == 2 and "Traceback" not in output
+
+
+def test_an_ept_run_with_offsets_goes_up_in_llmrecs_format_only_and_says_so(tmp_path, hub, capsys):
+    adapter = {"method": "ept", "args": {"num_virtual_tokens": 4, "max_length": 160, "r": 4}}
+    run = train_tiny(tmp_path, "ept", adapter=adapter, data={**small_recipe(tmp_path)["data"],
+                                                            "task": {"history_length": 3}}) / "runs" / "ept"
+    code, output = _push(capsys, run, "alice/ept", "--include-base")
+    assert code == 0, output
+    files = hub.files("alice/ept")
+    assert "adapter_config.json" not in files and "adapter_model.safetensors" not in files  # no stock form
+    assert {name.removeprefix("final/") for name in files if name.startswith("final/")} == {
+        p.name for p in (run / "final").iterdir() if p.name != "README.md"}
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "llmrec" and "No stock PEFT format holds this `ept` adapter exactly" in card.text
+    torch.testing.assert_close(_logits("hf://alice/ept"), _logits(run), rtol=0, atol=0)
