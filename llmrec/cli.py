@@ -9,7 +9,8 @@
     llmrec push RUN_DIR REPO_ID [--private] [--revision BRANCH] [--user U [--item I] | --client K]
                 [--include-base] [--license ID] [--commit-message M] [--dry-run]
                                                                publish the run on the Hugging Face Hub
-    llmrec merge RUN_DIR RUN_DIR [...] --method M [--weights W,W,...] [--density D] [--rank R] OUT
+    llmrec merge RUN_DIR RUN_DIR [...] --method M [--weights W,W,...] [--density D] [--rank R]
+                 [--granularity task|layer --steps N] OUT
                                                                LoRA runs on one base merged into a new run
     llmrec recipe check|show RECIPE [key=value ...] [--all]    validate, or print the resolved recipe
     llmrec data stats RECIPE [key=value ...]                   counts per split and an example row
@@ -109,11 +110,16 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("paths", nargs="+", metavar="RUN_DIR ... OUT",
                        help="two or more finished LoRA runs, then the new run directory")
     merge.add_argument("--method", required=True, choices=["task_arithmetic", "ties", "dare_linear", "dare_ties",
-                                                           "svd", "cat"])
+                                                           "svd", "cat", "adamerging"])
     merge.add_argument("--weights", help="one weight per run, comma-separated, e.g. 0.7,0.3 (default: 1 each)")
     merge.add_argument("--density", type=float, help="ties, dare_*: the share of each task vector kept")
     merge.add_argument("--rank", type=int, help="the merged rank (default: the sum of the ranks, exact)")
-    merge.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops")
+    merge.add_argument("--seed", type=int, default=0, help="seed of DARE's random drops and AdaMerging's batches")
+    merge.add_argument("--granularity", choices=["task", "layer"], default="task",
+                       help="adamerging: one λ per run, or per run and LoRA layer")
+    merge.add_argument("--steps", type=int, default=100, help="adamerging: Adam steps on unlabelled prompts")
+    merge.add_argument("--lr", type=float, default=1e-3, help="adamerging: Adam's learning rate for λ")
+    merge.add_argument("--init", type=float, default=0.3, help="adamerging: the starting λ")
 
     recipe = commands.add_parser("recipe", help="check or print a recipe")
     recipe_commands = _Commands(recipe.add_subparsers(dest="recipe_command", required=True))
@@ -190,7 +196,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "export":
         _export(args)
     elif args.command == "merge":
-        from llmrec.merging import MergeConfig
+        from llmrec.merging import AdaMergingConfig, MergeConfig
         from llmrec.merging.runs import merge_runs
 
         try:
@@ -199,8 +205,10 @@ def _dispatch(args: argparse.Namespace) -> None:
             raise LLMRecError(f"{args.weights!r} is not a comma-separated list of numbers.", "--weights") from None
         config = MergeConfig(method=args.method, weights=weights, density=args.density, rank=args.rank,
                              seed=args.seed)
+        adamerging = AdaMergingConfig(granularity=args.granularity, init=args.init, steps=args.steps,
+                                      learning_rate=args.lr, seed=args.seed)
         *runs, out = args.paths
-        print(merge_runs(runs, out, config))
+        print(merge_runs(runs, out, config, adamerging))
     elif args.command == "push":
         from llmrec.publish.push import push
 

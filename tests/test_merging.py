@@ -15,7 +15,8 @@ from peft.tuners.lora import LoraLayer
 
 from llmrec.cli import main
 from llmrec.errors import LLMRecError
-from llmrec.merging import MergeConfig, merge_loaded
+from llmrec.merging import AdaMergingConfig, MergeConfig, learn_coefficients, materialise, merge_loaded
+from llmrec.merging.adamerging import ScaledAdapters, lora_layers
 
 WEIGHTS = [0.7, 0.4]
 
@@ -91,6 +92,7 @@ def test_ties_trims_and_elects_signs_so_it_differs_from_the_sum(two_adapters):
     ({"method": "cat", "rank": 4}, "cat's rank is the sum"),
     ({"method": "svd", "density": 0.5}, "svd keeps every entry"),
     ({"method": "mean"}, "unknown merging method 'mean'"),
+    ({"method": "adamerging", "weights": [0.5, 0.5]}, "adamerging learns its weights"),
 ])
 def test_impossible_configurations_are_refused_with_the_reason(arguments, message):
     with pytest.raises(LLMRecError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -100,6 +102,59 @@ def test_impossible_configurations_are_refused_with_the_reason(arguments, messag
 def test_one_weight_per_adapter(two_adapters):
     with pytest.raises(LLMRecError, match="3 weights for 2 adapters"):
         merge_loaded(two_adapters[0], ["input0", "input1"], MergeConfig("cat", [1.0, 1.0, 1.0]))
+
+
+PROMPTS = ["A user liked these items: Golden Jazz River.", "A user liked these items: Jazz.",
+           "Will the user like it? Answer:", "A user liked these items: River Golden."]
+
+
+def _logits(model, tokenizer) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**tokenizer(PROMPTS[:1], return_tensors="pt")).logits
+
+
+def test_adamerging_at_the_task_arithmetic_lambda_is_task_arithmetic_and_materialises_exactly(two_adapters, tokenizer):
+    model = two_adapters[0]
+    expected = _exact(two_adapters, [0.5, 0.5])
+    lambdas, history = learn_coefficients(model, ["input0", "input1"], tokenizer, PROMPTS, (5, 6, 7),
+                                          AdaMergingConfig(init=0.5, steps=0), progress=False)
+    assert lambdas.tolist() == [0.5, 0.5] and history == []
+    with ScaledAdapters(model, ["input0", "input1"]) as scaled:
+        scaled.apply(lambdas)
+        torch.testing.assert_close(_logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
+    materialise(model, ["input0", "input1"], lambdas)
+    torch.testing.assert_close(_logits(model, tokenizer), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_wise_lambdas_materialise_into_the_same_model(two_adapters, tokenizer):
+    model = two_adapters[0]
+    lambdas = torch.rand(2, len(lora_layers(model)), generator=torch.Generator().manual_seed(0))
+    with ScaledAdapters(model, ["input0", "input1"]) as scaled:
+        scaled.apply(lambdas)
+        scaled_logits = _logits(model, tokenizer)
+    materialise(model, ["input0", "input1"], lambdas)
+    torch.testing.assert_close(_logits(model, tokenizer), scaled_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scaled_logits, _exact(two_adapters, [0.5, 0.5]), atol=1e-3)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_adamerging_trains_lambda_only_keeps_it_in_0_1_and_lowers_the_entropy(two_adapters, tokenizer, granularity):
+    model = two_adapters[0]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = AdaMergingConfig(granularity=granularity, steps=30, learning_rate=0.05, batch_size=4)
+    lambdas, history = learn_coefficients(model, ["input0", "input1"], tokenizer, PROMPTS, (5, 6, 7, 8, 9), config,
+                                          progress=False)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert lambdas.shape == ((2,) if granularity == "task" else (2, len(lora_layers(model))))
+    assert not torch.allclose(lambdas, torch.full_like(lambdas, 0.3)) and lambdas.min() >= 0 and lambdas.max() <= 1
+    logged = torch.tensor([entry["lambda"] for entry in history])
+    assert len(history) == 30 and logged.min() >= 0 and logged.max() <= 1
+    entropies = [entry["entropy"] for entry in history]
+    assert sum(entropies[-5:]) < sum(entropies[:5])
+    big = AdaMergingConfig(granularity=granularity, steps=5, learning_rate=5.0, batch_size=4)
+    lambdas, _ = learn_coefficients(model, ["input0", "input1"], tokenizer, PROMPTS, (5, 6, 7, 8, 9), big,
+                                    progress=False)
+    assert lambdas.min() >= 0 and lambdas.max() <= 1 and ((lambdas == 0) | (lambdas == 1)).any()
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +200,17 @@ def _exact_from_runs(models, inputs) -> torch.Tensor:
         for name, delta in deltas.items():
             base.get_submodule(name).weight += delta
         return base.eval()(**inputs).logits
+
+
+@pytest.mark.slow
+def test_adamerging_runs_learn_layer_wise_lambdas_on_unlabelled_prompts(two_runs, tmp_path):
+    out = tmp_path / "ada"
+    assert main(["merge", str(two_runs[0]), str(two_runs[1]), "--method", "adamerging", "--granularity", "layer",
+                 "--steps", "4", "--lr", "0.05", str(out)]) == 0
+    learned = json.loads((out / "merge.json").read_text())["adamerging"]
+    assert len(learned["lambda"]) == 2 and len(learned["lambda"][0]) > 2 and len(learned["history"]) == 4
+    assert learned["prompts"] > 0 and (out / "adamerging.png").stat().st_size > 0
+    assert "AdaMerging learned layer-wise λ" in (out / "README.md").read_text()
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from llmrec.errors import LLMRecError
 from llmrec.files import atomic_dir, read_json, write_json, write_text
 from llmrec.logs import get_logger
 
+from .adamerging import AdaMergingConfig, learn_coefficients, lora_layers, materialise
 from .static import MERGED, MergeConfig, merge_loaded
 
 logger = get_logger(__name__)
@@ -75,8 +76,10 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
-def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig) -> Path:
-    """Merge the runs' adapters into the run directory `out` and evaluate it; returns `out`."""
+def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
+               adamerging: AdaMergingConfig | None = None) -> Path:
+    """Merge the runs' adapters into the run directory `out` and evaluate it; returns `out`. AdaMerging learns its
+    coefficients on the unlabelled prompts of the recipe's first evaluation split."""
     from peft import PeftModel
 
     from llmrec.data import load_data
@@ -101,13 +104,24 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig)
     model = PeftModel.from_pretrained(base, str(first.final), adapter_name=names[0])
     for name, (run, _) in zip(names[1:], runs[1:]):
         model.load_adapter(str(run.final), adapter_name=name)
-    errors = merge_loaded(model, names, config)
+    task = task_of(recipe)
+    learned = {}
+    if config.method == "adamerging":
+        adamerging = adamerging or AdaMergingConfig()
+        prompts, answers = task.unlabelled_answers(tokenizer, data, recipe.eval.splits[0])
+        lambdas, history = learn_coefficients(model, names, tokenizer, prompts, answers, adamerging)
+        materialise(model, names, lambdas)
+        errors = {}
+        learned = {"adamerging": {**asdict(adamerging), "split": recipe.eval.splits[0], "prompts": len(prompts),
+                                  "lambda": lambdas.tolist(), "history": history}}
+    else:
+        errors = merge_loaded(model, names, config)
     for name in names:
         model.delete_adapter(name)
     model.eval()
     record = {"inputs": [str(run.path.resolve()) for run, _ in runs], **asdict(config),
               "peft_combination": config.combination(), "rank": model.peft_config[MERGED].r,
-              "relative_frobenius_error": errors}
+              "relative_frobenius_error": errors, **learned}
     with atomic_dir(out) as tmp:
         target = RunDir(tmp)
         if is_tiny(recipe.model.name):
@@ -116,7 +130,11 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig)
         tokenizer.save_pretrained(str(target.final))
         write_text(target.recipe_file, recipe.to_yaml())
         write_json(tmp / "merge.json", record)
-        task = task_of(recipe)
+        if learned:
+            from llmrec.merging.plots import draw_lambdas
+
+            draw_lambdas(tmp / "adamerging.png", learned["adamerging"]["history"],
+                         [layer for layer, _ in lora_layers(model)], [run.path.name for run, _ in runs])
         metrics, predictions = {}, {}
         for split in recipe.eval.splits:
             split_metrics, predictions[split] = task.evaluate(model, tokenizer, data, split)
@@ -137,6 +155,11 @@ def _merge_section(record: dict) -> str:
              f"{len(record['inputs'])} runs (PEFT combination `{record['peft_combination']}`, rank {record['rank']}"
              + (f", density {record['density']}" if record["density"] is not None else "") + "):", ""]
     lines += [f"- `{path}` (weight {weight:g})" for path, weight in zip(record["inputs"], weights)]
+    if "adamerging" in record:
+        learned = record["adamerging"]
+        lines += ["", f"AdaMerging learned {learned['granularity']}-wise λ in {learned['steps']} steps by minimising "
+                  f"the answer entropy on {learned['prompts']} unlabelled {learned['split']} prompts (no labels); "
+                  "λ per step is in `merge.json`, drawn in `adamerging.png`."]
     if record["relative_frobenius_error"]:
         worst = max(record["relative_frobenius_error"].values())
         lines += ["", f"The rank truncation's largest relative Frobenius error over the layers is {worst:.3e} "

@@ -12,6 +12,7 @@ combination:
 | `ties`             | `ties_svd`                 | TIES (trim to `density`, elect signs, mean) of w_k τ_k; SVD      |
 | `dare_linear`      | `dare_linear_svd`          | DARE (drop 1 − `density`, rescale) of w_k τ_k, summed; SVD      |
 | `dare_ties`        | `dare_ties_svd`            | DARE, then TIES, then SVD                                        |
+| `adamerging`       | `cat`, A blocks × λ        | Σ_k λ_k^(l) τ_k exactly, λ learned (`llmrec.merging.adamerging`) |
 
 TIES and DARE act on the ΔW (PEFT's `*_svd` variants), not on A and B separately: PEFT's plain `ties`/`dare_*`
 combine A and B each weighted by √|w s|, which is not the method on the task vectors. The SVD rank is `rank`, or
@@ -28,7 +29,7 @@ import torch
 
 from llmrec.errors import LLMRecError
 
-METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "svd", "cat")
+METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "svd", "cat", "adamerging")
 PEFT_COMBINATIONS = {"ties": "ties_svd", "dare_linear": "dare_linear_svd", "dare_ties": "dare_ties_svd", "svd": "svd",
                      "cat": "cat"}
 MERGED = "default"  # PEFT saves the adapter named "default" at the top of the folder, others in subfolders
@@ -58,13 +59,17 @@ class MergeConfig:
                               "--density")
         if not needs_density and self.density is not None:
             raise LLMRecError(f"{self.method} keeps every entry; --density is for ties and dare_*.", "--density")
-        if self.method == "cat" and self.rank is not None:
-            raise LLMRecError("cat's rank is the sum of the adapters' ranks; use svd or task_arithmetic to choose "
-                              "one.", "--rank")
+        if self.method in ("cat", "adamerging") and self.rank is not None:
+            raise LLMRecError(f"{self.method}'s rank is the sum of the adapters' ranks (exact); use svd or "
+                              "task_arithmetic to choose one.", "--rank")
+        if self.method == "adamerging" and self.weights is not None:
+            raise LLMRecError("adamerging learns its weights (λ, starting at --init); drop --weights.", "--weights")
         if self.rank is not None and self.rank < 1:
             raise LLMRecError("must be at least 1.", "--rank")
 
     def combination(self) -> str:
+        if self.method == "adamerging":  # materialised exactly, A blocks scaled by the learned λ
+            return "cat"
         if self.method == "task_arithmetic":
             return "svd" if self.rank is not None else "cat"
         return PEFT_COMBINATIONS[self.method]

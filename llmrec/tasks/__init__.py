@@ -113,6 +113,13 @@ class Task(abc.ABC):
         raise LLMRecError(f"this run is evaluated on eval.task: {self.name}, it does not rank items; use `llmrec "
                           "eval`.", "eval.task")
 
+    def unlabelled_answers(self, tokenizer, data, split: str) -> tuple[list[str], tuple[int, ...]]:
+        """(prompts, answer token ids) for label-free objectives such as AdaMerging's entropy: the split's prompts
+        without their labels, and the tokens an answer can start with. Tasks without a closed set of answers
+        raise."""
+        raise LLMRecError(f"eval.task {self.name} has no closed set of answers, so AdaMerging has no answer "
+                          "distribution to sharpen; use a static merging method.", "eval.task")
+
     # --- reports -------------------------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -58,6 +58,13 @@ class's label word; the predicted class is the label word whose first token has 
 
         return classification_tokenizer_texts(self.config, self.recipe.run.seed)
 
+    def unlabelled_answers(self, tokenizer, data, split: str) -> tuple[list[str], tuple[int, ...]]:
+        from llmrec.data.classification import classification_examples
+        from llmrec.eval.classification import label_token_ids
+
+        rows = classification_examples(self.config, split, self.recipe.run.seed)
+        return list(rows["prompt"]), label_token_ids(tokenizer, self.config.label_words)
+
     def evaluate(self, model, tokenizer, data, split: str) -> tuple[dict, list[dict]]:
         import torch
 

@@ -57,6 +57,12 @@ item's title and answers Yes or No; the score is the softmax of the two answers'
 
         return ctr_tokenizer_texts(self.config)
 
+    def unlabelled_answers(self, tokenizer, data, split: str) -> tuple[list[str], tuple[int, ...]]:
+        from llmrec.data.ctr import ctr_examples
+
+        rows = ctr_examples(data, split, self.config, self.recipe.run.seed)
+        return list(rows["prompt"]), self.answer_ids(tokenizer)
+
     # --- evaluation ----------------------------------------------------------------------------------------------
 
     def evaluate(self, model, tokenizer, data, split: str) -> tuple[dict, list[dict]]:

@@ -74,6 +74,13 @@ every recommendation is a real item."""
             targets = random.Random(recipe.run.seed).sample(targets, max_targets)
         return targets
 
+    def unlabelled_answers(self, tokenizer, data, split: str) -> tuple[list[str], tuple[int, ...]]:
+        from llmrec.eval.ranking import build_trie
+
+        # the answer distribution: the catalog's first title tokens at the answer position
+        trie = build_trie(tokenizer, data, self.recipe.data.task)
+        return [t.prompt for t in self.targets(data, split)], tuple(trie.allowed([]))
+
     # --- evaluation ----------------------------------------------------------------------------------------------
 
     def evaluate(self, model, tokenizer, data, split: str) -> tuple[dict, list[dict]]:
