@@ -116,7 +116,7 @@ def _logits(model, tokenizer) -> torch.Tensor:
 def test_adamerging_at_the_task_arithmetic_lambda_is_task_arithmetic_and_materialises_exactly(two_adapters, tokenizer):
     model = two_adapters[0]
     expected = _exact(two_adapters, [0.5, 0.5])
-    lambdas, history = learn_coefficients(model, ["input0", "input1"], tokenizer, PROMPTS, (5, 6, 7),
+    lambdas, history = learn_coefficients(model, ["input0", "input1"], tokenizer, [(PROMPTS, (5, 6, 7))],
                                           AdaMergingConfig(init=0.5, steps=0), progress=False)
     assert lambdas.tolist() == [0.5, 0.5] and history == []
     with ScaledAdapters(model, ["input0", "input1"]) as scaled:
@@ -142,7 +142,7 @@ def test_adamerging_trains_lambda_only_keeps_it_in_0_1_and_lowers_the_entropy(tw
     model = two_adapters[0]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = AdaMergingConfig(granularity=granularity, steps=30, learning_rate=0.05, batch_size=4)
-    lambdas, history = learn_coefficients(model, ["input0", "input1"], tokenizer, PROMPTS, (5, 6, 7, 8, 9), config,
+    lambdas, history = learn_coefficients(model, ["input0", "input1"], tokenizer, [(PROMPTS, (5, 6, 7, 8, 9))], config,
                                           progress=False)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
     assert lambdas.shape == ((2,) if granularity == "task" else (2, len(lora_layers(model))))
@@ -152,7 +152,7 @@ def test_adamerging_trains_lambda_only_keeps_it_in_0_1_and_lowers_the_entropy(tw
     entropies = [entry["entropy"] for entry in history]
     assert sum(entropies[-5:]) < sum(entropies[:5])
     big = AdaMergingConfig(granularity=granularity, steps=5, learning_rate=5.0, batch_size=4)
-    lambdas, _ = learn_coefficients(model, ["input0", "input1"], tokenizer, PROMPTS, (5, 6, 7, 8, 9), big,
+    lambdas, _ = learn_coefficients(model, ["input0", "input1"], tokenizer, [(PROMPTS, (5, 6, 7, 8, 9))], big,
                                     progress=False)
     assert lambdas.min() >= 0 and lambdas.max() <= 1 and ((lambdas == 0) | (lambdas == 1)).any()
 
@@ -214,13 +214,28 @@ def test_adamerging_runs_learn_layer_wise_lambdas_on_unlabelled_prompts(two_runs
 
 
 @pytest.mark.slow
+def test_runs_of_other_data_on_the_same_base_are_endpoints_of_the_merged_run(two_runs, tmp_path, capsys):
+    first = two_runs[0]
+    data = {"source": {"format": "synthetic", "num_users": 50, "num_items": 40, "max_interactions": 15}}
+    other = train_tiny(tmp_path, "other", model={"name": str(first / "base")}, data=data) / "runs" / "other"
+    out = tmp_path / "merged"
+    assert main(["merge", str(first), str(other), "--method", "adamerging", "--steps", "3", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "test/hr@10" in metrics and "endpoint/other/test/hr@10" in metrics
+    assert (out / "predictions" / "other.test.jsonl").is_file()
+    assert set(json.loads((out / "endpoints.json").read_text())) == {"first", "other"}
+    card = (out / "README.md").read_text()
+    assert "## Endpoint `other`" in card and "Endpoints: first, other." in card
+    assert json.loads((out / "merge.json").read_text())["adamerging"]["prompts"] > 8
+    assert "endpoint other (ranking)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("sections", "message"), [
     ({"adapter": {"method": "lora", "args": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
      "merged adapters must target the same modules"),
     ({"data": {"source": {"format": "synthetic", "num_users": 60, "num_items": 30, "max_interactions": 15}}},
-     "base differs from the first run's"),
-    ({"data": {"source": {"format": "synthetic", "num_users": 50, "num_items": 40, "max_interactions": 15}}},
-     "its data or evaluation differ from the first run's"),
+     "differs from the first run's (\'tiny:qwen2-xs\') in weights or tokenizer"),
     ({"adapter": {"method": "prompt_tuning", "args": {"num_virtual_tokens": 4}}}, "only LoRA runs merge"),
 ])
 def test_runs_that_cannot_merge_are_refused_with_the_reason(two_runs, tmp_path, capsys, sections, message):

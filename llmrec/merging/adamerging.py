@@ -1,10 +1,10 @@
 """AdaMerging (Yang et al., ICLR 2024) for LoRA adapters on a causal LM (`shared/methods/merging.md`).
 
 The merged model is W0 + Σ_k λ_k τ_k (task-wise) or W0^l + Σ_k λ_k^l τ_k^l (layer-wise), with the coefficients
-learned without labels: Adam minimises the entropy of the merged model's answer distribution on the task's
-unlabelled test prompts, and λ is clamped to [0, 1] after every step. The answer distribution is the softmax over
-the tokens an answer can start with (`Task.unlabelled_answers`): the catalog's first title tokens for next-item
-ranking, the label words for Yes/No and classification tasks.
+learned without labels: Adam minimises the entropy of the merged model's answer distribution on the tasks'
+unlabelled test prompts (summed over tasks), and λ is clamped to [0, 1] after every step. The answer distribution
+is the softmax over the tokens an answer can start with (`Task.unlabelled_answers`): the catalog's first title
+tokens for next-item ranking, the label words for Yes/No and classification tasks.
 
 ΔW is never materialised while training: every adapter stays active and each LoRA layer's `scaling[k]` becomes the
 tensor s_k·λ_k^l, so PEFT's forward adds Σ_k λ_k^l s_k B_k A_k x and the gradient reaches λ only (base and adapter
@@ -97,17 +97,19 @@ def answer_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1).mean()
 
 
-def learn_coefficients(model, names: list[str], tokenizer, prompts: list[str], answer_ids: tuple[int, ...],
+def learn_coefficients(model, names: list[str], tokenizer, sources: list[tuple[list[str], tuple[int, ...]]],
                        config: AdaMergingConfig, progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
-    """λ (K, or K × layers) learned on `prompts`, and the history (step, entropy, λ) logged every step."""
+    """λ (K, or K × layers) learned on the unlabelled prompts of `sources` (one (prompts, answer token ids) per
+    task), and the history (step, entropy, λ) logged every step. Each step draws `batch_size` prompts of every task
+    and minimises the sum of the tasks' mean answer entropies, as the paper sums over tasks."""
     from tqdm.auto import tqdm
 
     from llmrec.answers import AnswerCollator, answer_logits, tokenize_prompts
 
-    if not prompts:
-        raise LLMRecError("there are no unlabelled prompts to learn the coefficients on.", "eval.splits")
+    if not sources or any(not prompts for prompts, _ in sources):
+        raise LLMRecError("a task has no unlabelled prompts to learn the coefficients on.", "eval.splits")
     generator = torch.Generator().manual_seed(config.seed)
-    ids = tokenize_prompts(tokenizer, prompts[: config.max_prompts])
+    tasks = [(tokenize_prompts(tokenizer, prompts[: config.max_prompts]), answers) for prompts, answers in sources]
     collate = AnswerCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
     with ScaledAdapters(model, names) as scaled:
@@ -117,10 +119,13 @@ def learn_coefficients(model, names: list[str], tokenizer, prompts: list[str], a
         history = []
         model.eval()
         for step in tqdm(range(config.steps), desc="AdaMerging", disable=not progress):
-            rows = torch.randint(len(ids), (config.batch_size,), generator=generator).tolist()
-            batch = collate([{"input_ids": ids[i], "label": 0} for i in rows])
             scaled.apply(lambdas)
-            entropy = answer_entropy(answer_logits(model, {k: v.to(device) for k, v in batch.items()}, answer_ids))
+            entropy = 0.0
+            for ids, answers in tasks:
+                rows = torch.randint(len(ids), (config.batch_size,), generator=generator).tolist()
+                batch = collate([{"input_ids": ids[i], "label": 0} for i in rows])
+                entropy = entropy + answer_entropy(
+                    answer_logits(model, {k: v.to(device) for k, v in batch.items()}, answers))
             optimizer.zero_grad(set_to_none=True)
             entropy.backward()
             optimizer.step()

@@ -2,19 +2,27 @@
 
 OUT is a run directory like any other (`llmrec eval`, `recommend`, `export`, `push` read it): `final/` holds the
 merged adapter as one stock PEFT LoRA adapter, `base/` the tiny base when there is one, `recipe.yaml` the first
-input's recipe (its task, data and evaluation), `merge.json` what was merged and how (with the per-layer truncation
-error where the merge truncates), and `metrics.json`, `predictions/`, `curves.png` and the card the evaluation of
-the merged model on that task.
+input's recipe, `merge.json` what was merged and how (with the per-layer truncation error where the merge
+truncates, and AdaMerging's λ per step), and `metrics.json`, `predictions/`, `curves.png` and the card the
+evaluation of the merged model.
 
-Inputs are refused, with the reason, when they cannot merge: an adapter other than LoRA, different base models (a
-`tiny:` base must be the same weights and tokenizer), different target modules, or different tasks or data (the
-merged run is evaluated on one task; evaluating several tasks in one run is not built yet). Different ranks are
-fine: every method here combines the ΔW (see `llmrec.merging.static`).
+Endpoints: the inputs may come from different tasks or data (one adapter for next-item ranking, one for like
+prediction; one per user group). Each distinct (data, evaluation) of the inputs is an endpoint named after the first
+input run that has it; the merged model is evaluated on every endpoint: the first input's as the run's own metrics
+(`test/hr@10`, ...), the others under `endpoint/<name>/...` in metrics.json, their predictions in
+`predictions/<name>.<split>.jsonl` and their results in the card. `endpoints.json` records each endpoint's recipe,
+so the task a request belongs to is known. `llmrec eval OUT` evaluates the first endpoint again.
+
+Inputs are refused, with the reason, when they cannot merge: an adapter other than LoRA, different base models
+(compared by their weights and tokenizer for a `tiny:` or local base: a second task's run can train on the first
+run's `base/` folder as `model.name`), different target modules. Different ranks are fine: every method here
+combines the ΔW (see `llmrec.merging.static`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -48,28 +56,46 @@ def _inputs(run_dirs: list[str | Path]):
     return runs
 
 
-def _check_compatible(runs) -> None:
+def _base_identity(run, recipe) -> tuple:
+    """What makes two runs' bases the same: the Hub id and revision, or the weights and tokenizer of a built or
+    local base."""
     from llmrec.models.tiny import is_tiny
+    from llmrec.publish.export import _is_folder
 
+    name = recipe.model.name
+    if not is_tiny(name) and not _is_folder(name):
+        return ("hub", name, recipe.model.revision)
+    folder = run.base if is_tiny(name) else Path(name).expanduser()
+    return ("weights", _digest(folder / "model.safetensors"), _digest(folder / "tokenizer.json"))
+
+
+def _check_compatible(runs) -> None:
     (first, first_recipe), rest = runs[0], runs[1:]
+    base = _base_identity(first, first_recipe)
     targets = sorted(read_json(first.final / "adapter_config.json")["target_modules"])
     for run, recipe in rest:
-        model, first_model = recipe.model, first_recipe.model
-        if (model.name, model.revision) != (first_model.name, first_model.revision):
-            raise LLMRecError(f"its base model is {model.name!r}, the first run's {first_model.name!r}: adapters "
-                              "merge only on the base they were trained on.", str(run.path))
-        if is_tiny(model.name) and any(_digest(run.base / f) != _digest(first.base / f)
-                                       for f in ("model.safetensors", "tokenizer.json")):
-            raise LLMRecError(f"its {model.name} base differs from the first run's (a tiny base is built from the "
-                              "run's data and seed): adapters merge only on the same weights and tokenizer.",
-                              str(run.path))
+        if _base_identity(run, recipe) != base:
+            raise LLMRecError(f"its base model ({recipe.model.name!r}) differs from the first run's "
+                              f"({first_recipe.model.name!r}) in weights or tokenizer (a tiny base is built from the "
+                              "run's data and seed; train the second run with the first run's base/ folder as "
+                              "model.name): adapters merge only on the base they were trained on.", str(run.path))
         theirs = sorted(read_json(run.final / "adapter_config.json")["target_modules"])
         if theirs != targets:
             raise LLMRecError(f"its adapter targets {theirs}, the first run's {targets}: merged adapters must target "
                               "the same modules.", str(run.path))
-        if any(recipe.to_dict()[key] != first_recipe.to_dict()[key] for key in ("data", "eval")):
-            raise LLMRecError("its data or evaluation differ from the first run's; the merged run is evaluated on one "
-                              "task and data (evaluating several tasks in one run is not built yet).", str(run.path))
+
+
+def _endpoints(runs) -> list[tuple[str, object]]:
+    """(name, recipe) of each distinct (data, evaluation) among the inputs, the first input's first."""
+    endpoints, seen = [], []
+    for run, recipe in runs:
+        key = (recipe.to_dict()["data"], recipe.to_dict()["eval"])
+        if key not in seen:
+            seen.append(key)
+            names = {name for name, _ in endpoints}
+            name = run.path.name if run.path.name not in names else f"{run.path.name}-{len(endpoints)}"
+            endpoints.append((name, recipe))
+    return endpoints
 
 
 def _digest(path: Path) -> str:
@@ -78,8 +104,8 @@ def _digest(path: Path) -> str:
 
 def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
                adamerging: AdaMergingConfig | None = None) -> Path:
-    """Merge the runs' adapters into the run directory `out` and evaluate it; returns `out`. AdaMerging learns its
-    coefficients on the unlabelled prompts of the recipe's first evaluation split."""
+    """Merge the runs' adapters into the run directory `out` and evaluate it on every endpoint; returns `out`.
+    AdaMerging learns its coefficients on the unlabelled prompts of each endpoint's first evaluation split."""
     from peft import PeftModel
 
     from llmrec.data import load_data
@@ -97,22 +123,23 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
     first = runs[0][0]
     recipe = load_recipe(first.recipe_file, [f"run.name={out.name}", f"run.output_dir={out.parent}"],
                          instantiate=False)
+    endpoints = _endpoints(runs)
     state = process_state()
-    data = load_data(recipe.data, recipe.run.seed)
-    base, tokenizer = load_base_model(recipe, first, data, state)
+    datas = [load_data(endpoint.data, endpoint.run.seed) for _, endpoint in endpoints]
+    base, tokenizer = load_base_model(recipe, first, datas[0], state)
     names = [f"input{k}" for k in range(len(runs))]
     model = PeftModel.from_pretrained(base, str(first.final), adapter_name=names[0])
     for name, (run, _) in zip(names[1:], runs[1:]):
         model.load_adapter(str(run.final), adapter_name=name)
-    task = task_of(recipe)
     learned = {}
     if config.method == "adamerging":
         adamerging = adamerging or AdaMergingConfig()
-        prompts, answers = task.unlabelled_answers(tokenizer, data, recipe.eval.splits[0])
-        lambdas, history = learn_coefficients(model, names, tokenizer, prompts, answers, adamerging)
+        sources = [task_of(endpoint).unlabelled_answers(tokenizer, data, endpoint.eval.splits[0])
+                   for (_, endpoint), data in zip(endpoints, datas)]
+        lambdas, history = learn_coefficients(model, names, tokenizer, sources, adamerging)
         materialise(model, names, lambdas)
         errors = {}
-        learned = {"adamerging": {**asdict(adamerging), "split": recipe.eval.splits[0], "prompts": len(prompts),
+        learned = {"adamerging": {**asdict(adamerging), "prompts": sum(len(p) for p, _ in sources),
                                   "lambda": lambdas.tolist(), "history": history}}
     else:
         errors = merge_loaded(model, names, config)
@@ -121,7 +148,7 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
     model.eval()
     record = {"inputs": [str(run.path.resolve()) for run, _ in runs], **asdict(config),
               "peft_combination": config.combination(), "rank": model.peft_config[MERGED].r,
-              "relative_frobenius_error": errors, **learned}
+              "endpoints": [name for name, _ in endpoints], "relative_frobenius_error": errors, **learned}
     with atomic_dir(out) as tmp:
         target = RunDir(tmp)
         if is_tiny(recipe.model.name):
@@ -130,18 +157,32 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
         tokenizer.save_pretrained(str(target.final))
         write_text(target.recipe_file, recipe.to_yaml())
         write_json(tmp / "merge.json", record)
+        write_json(tmp / "endpoints.json", {name: endpoint.to_dict() for name, endpoint in endpoints})
         if learned:
             from llmrec.merging.plots import draw_lambdas
 
             draw_lambdas(tmp / "adamerging.png", learned["adamerging"]["history"],
                          [layer for layer, _ in lora_layers(model)], [run.path.name for run, _ in runs])
-        metrics, predictions = {}, {}
-        for split in recipe.eval.splits:
-            split_metrics, predictions[split] = task.evaluate(model, tokenizer, data, split)
-            metrics.update(split_metrics)
-        finish(target, recipe, data, metrics, predictions)
+        metrics, predictions, sections = {}, {}, []
+        for index, ((name, endpoint), data) in enumerate(zip(endpoints, datas)):
+            task, found = task_of(endpoint), {}
+            for split in endpoint.eval.splits:
+                split_metrics, rows = task.evaluate(model, tokenizer, data, split)
+                found.update(split_metrics)
+                if index == 0:
+                    predictions[split] = rows
+                else:
+                    write_text(target.predictions / f"{name}.{split}.jsonl",
+                               "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            if index == 0:
+                metrics.update(found)
+                continue
+            metrics.update({f"endpoint/{name}/{key}": value for key, value in found.items()})
+            print(f"\nendpoint {name} ({task.name}):\n{task.summary(found, endpoint.eval.splits)}")
+            sections.append(f"## Endpoint `{name}`: {task.description}\n\n{task.card_results(found)}")
+        finish(target, recipe, datas[0], metrics, predictions)
         card = target.card.read_text()
-        write_text(target.card, card + _merge_section(record))
+        write_text(target.card, card + "".join(f"\n{section}\n" for section in sections) + _merge_section(record))
     worst = max(errors.values(), default=0.0)
     logger.info(f"wrote {out}: {len(runs)} adapters merged by {config.method} (rank {record['rank']}"
                 + (f", worst layer's relative error {worst:.2e}" if errors else "") + ")")
@@ -158,11 +199,12 @@ def _merge_section(record: dict) -> str:
     if "adamerging" in record:
         learned = record["adamerging"]
         lines += ["", f"AdaMerging learned {learned['granularity']}-wise λ in {learned['steps']} steps by minimising "
-                  f"the answer entropy on {learned['prompts']} unlabelled {learned['split']} prompts (no labels); "
-                  "λ per step is in `merge.json`, drawn in `adamerging.png`."]
+                  f"the answer entropy on {learned['prompts']} unlabelled prompts of the endpoints' first evaluation "
+                  "splits (no labels); λ per step is in `merge.json`, drawn in `adamerging.png`."]
     if record["relative_frobenius_error"]:
         worst = max(record["relative_frobenius_error"].values())
         lines += ["", f"The rank truncation's largest relative Frobenius error over the layers is {worst:.3e} "
                   "(each layer's in `merge.json`)."]
-    lines += ["", "The recipe above is the first input run's: its task, data and evaluation.", ""]
+    lines += ["", f"Endpoints: {', '.join(record['endpoints'])}. The recipe above is the first input run's (the first "
+              "endpoint's task, data and evaluation); `endpoints.json` holds every endpoint's.", ""]
     return "\n".join(lines)
