@@ -120,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--steps", type=int, default=100, help="adamerging: Adam steps on unlabelled prompts")
     merge.add_argument("--lr", type=float, default=1e-3, help="adamerging: Adam's learning rate for λ")
     merge.add_argument("--init", type=float, default=0.3, help="adamerging: the starting λ")
+    merge.add_argument("--surgery-steps", type=int, help="also train a Representation Surgery module per endpoint "
+                       "(each input a different task or data) for this many steps")
+    merge.add_argument("--surgery-rank", type=int, default=16, help="the Surgery modules' bottleneck width")
 
     recipe = commands.add_parser("recipe", help="check or print a recipe")
     recipe_commands = _Commands(recipe.add_subparsers(dest="recipe_command", required=True))
@@ -198,6 +201,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "merge":
         from llmrec.merging import AdaMergingConfig, MergeConfig
         from llmrec.merging.runs import merge_runs
+        from llmrec.merging.surgery import SurgeryConfig
 
         try:
             weights = [float(w) for w in args.weights.split(",")] if args.weights else None
@@ -208,7 +212,9 @@ def _dispatch(args: argparse.Namespace) -> None:
         adamerging = AdaMergingConfig(granularity=args.granularity, init=args.init, steps=args.steps,
                                       learning_rate=args.lr, seed=args.seed)
         *runs, out = args.paths
-        print(merge_runs(runs, out, config, adamerging))
+        surgery = (SurgeryConfig(rank=args.surgery_rank, steps=args.surgery_steps, seed=args.seed)
+                   if args.surgery_steps else None)
+        print(merge_runs(runs, out, config, adamerging, surgery))
     elif args.command == "push":
         from llmrec.publish.push import push
 

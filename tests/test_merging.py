@@ -17,6 +17,7 @@ from llmrec.cli import main
 from llmrec.errors import LLMRecError
 from llmrec.merging import AdaMergingConfig, MergeConfig, learn_coefficients, materialise, merge_loaded
 from llmrec.merging.adamerging import ScaledAdapters, lora_layers
+from llmrec.merging.surgery import SurgeryConfig, load_surgery, save_surgery, train_surgery, with_surgery
 
 WEIGHTS = [0.7, 0.4]
 
@@ -157,6 +158,37 @@ def test_adamerging_trains_lambda_only_keeps_it_in_0_1_and_lowers_the_entropy(tw
     assert lambdas.min() >= 0 and lambdas.max() <= 1 and ((lambdas == 0) | (lambdas == 1)).any()
 
 
+def test_surgery_moves_the_merged_representations_towards_the_expert_and_nothing_else(two_adapters, tokenizer,
+                                                                                          tmp_path):
+    model = two_adapters[0]
+    merge_loaded(model, ["input0", "input1"], MergeConfig("cat", [0.5, 0.5]))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    merged = _logits(model, tokenizer)
+    module, losses = train_surgery(model, "input0", tokenizer, PROMPTS,
+                                   SurgeryConfig(rank=4, steps=40, learning_rate=1e-2, batch_size=4))
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert losses[-1] < 0.8 * losses[0] and model.active_adapters == ["default"]
+    with with_surgery(model, module):
+        corrected = _logits(model, tokenizer)
+    model.set_adapter("input0")
+    expert = _logits(model, tokenizer)
+    model.set_adapter("default")
+    assert torch.equal(_logits(model, tokenizer), merged)  # the hook is gone after the block
+    assert (corrected - expert).abs().mean() < (merged - expert).abs().mean()
+    save_surgery(module, tmp_path, "first")
+    with with_surgery(model, load_surgery(tmp_path, "first")):
+        torch.testing.assert_close(_logits(model, tokenizer), corrected)
+
+
+def test_an_untrained_surgery_module_changes_nothing(two_adapters, tokenizer):
+    from llmrec.merging.surgery import SurgeryModule
+
+    model = two_adapters[0]
+    plain = _logits(model, tokenizer)
+    with with_surgery(model, SurgeryModule(model.get_input_embeddings().weight.shape[1], 4)):
+        assert torch.equal(_logits(model, tokenizer), plain)
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
@@ -219,7 +251,8 @@ def test_runs_of_other_data_on_the_same_base_are_endpoints_of_the_merged_run(two
     data = {"source": {"format": "synthetic", "num_users": 50, "num_items": 40, "max_interactions": 15}}
     other = train_tiny(tmp_path, "other", model={"name": str(first / "base")}, data=data) / "runs" / "other"
     out = tmp_path / "merged"
-    assert main(["merge", str(first), str(other), "--method", "adamerging", "--steps", "3", str(out)]) == 0
+    assert main(["merge", str(first), str(other), "--method", "adamerging", "--steps", "3", "--surgery-steps", "5",
+                 str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert "test/hr@10" in metrics and "endpoint/other/test/hr@10" in metrics
     assert (out / "predictions" / "other.test.jsonl").is_file()
@@ -228,6 +261,15 @@ def test_runs_of_other_data_on_the_same_base_are_endpoints_of_the_merged_run(two
     assert "## Endpoint `other`" in card and "Endpoints: first, other." in card
     assert json.loads((out / "merge.json").read_text())["adamerging"]["prompts"] > 8
     assert "endpoint other (ranking)" in capsys.readouterr().out
+    assert {p.name for p in (out / "surgery").iterdir()} == {"first.safetensors", "other.safetensors"}
+    assert "Representation Surgery" in card and len(json.loads((out / "merge.json").read_text())["surgery"]["l1"]) == 2
+
+
+@pytest.mark.slow
+def test_surgery_needs_one_input_per_endpoint(two_runs, tmp_path, capsys):
+    code = main(["merge", str(two_runs[0]), str(two_runs[1]), "--method", "cat", "--surgery-steps", "5",
+                 str(tmp_path / "merged")])
+    assert code == 2 and "every input must be a different endpoint" in capsys.readouterr().err
 
 
 @pytest.mark.slow

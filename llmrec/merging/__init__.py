@@ -2,6 +2,7 @@
 
 `static.py`: task arithmetic, TIES, DARE, SVD and concatenation of LoRA adapters on PEFT's `add_weighted_adapter`;
 `adamerging.py`: task- and layer-wise coefficients learned on unlabelled prompts (AdaMerging);
+`surgery.py`: Representation Surgery on the final layer, per endpoint, after any merge;
 `runs.py`: `llmrec merge`, finished runs merged into a new run directory and evaluated.
 """
 

@@ -13,6 +13,9 @@ input run that has it; the merged model is evaluated on every endpoint: the firs
 `predictions/<name>.<split>.jsonl` and their results in the card. `endpoints.json` records each endpoint's recipe,
 so the task a request belongs to is known. `llmrec eval OUT` evaluates the first endpoint again.
 
+`--surgery-steps` adds Representation Surgery (`llmrec.merging.surgery`): one module per endpoint in `surgery/`,
+used when that endpoint is evaluated.
+
 Inputs are refused, with the reason, when they cannot merge: an adapter other than LoRA, different base models
 (compared by their weights and tokenizer for a `tiny:` or local base: a second task's run can train on the first
 run's `base/` folder as `model.name`), different target modules. Different ranks are fine: every method here
@@ -33,6 +36,7 @@ from llmrec.logs import get_logger
 
 from .adamerging import AdaMergingConfig, learn_coefficients, lora_layers, materialise
 from .static import MERGED, MergeConfig, merge_loaded
+from .surgery import SurgeryConfig, save_surgery, train_surgery, with_surgery
 
 logger = get_logger(__name__)
 
@@ -103,9 +107,10 @@ def _digest(path: Path) -> str:
 
 
 def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
-               adamerging: AdaMergingConfig | None = None) -> Path:
+               adamerging: AdaMergingConfig | None = None, surgery: SurgeryConfig | None = None) -> Path:
     """Merge the runs' adapters into the run directory `out` and evaluate it on every endpoint; returns `out`.
-    AdaMerging learns its coefficients on the unlabelled prompts of each endpoint's first evaluation split."""
+    AdaMerging learns its coefficients, and Surgery its modules, on the unlabelled prompts of each endpoint's first
+    evaluation split."""
     from peft import PeftModel
 
     from llmrec.data import load_data
@@ -124,6 +129,9 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
     recipe = load_recipe(first.recipe_file, [f"run.name={out.name}", f"run.output_dir={out.parent}"],
                          instantiate=False)
     endpoints = _endpoints(runs)
+    if surgery is not None and len(endpoints) != len(runs):
+        raise LLMRecError("Surgery aligns each endpoint with its expert, so every input must be a different endpoint "
+                          "(other data or evaluation); here several inputs share one.", "--surgery-steps")
     state = process_state()
     datas = [load_data(endpoint.data, endpoint.run.seed) for _, endpoint in endpoints]
     base, tokenizer = load_base_model(recipe, first, datas[0], state)
@@ -143,6 +151,13 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
                                   "lambda": lambdas.tolist(), "history": history}}
     else:
         errors = merge_loaded(model, names, config)
+    corrections = {}
+    if surgery is not None:  # endpoint k's expert is input k (one input per endpoint)
+        for name, (endpoint_name, endpoint), data in zip(names, endpoints, datas):
+            prompts, _ = task_of(endpoint).unlabelled_answers(tokenizer, data, endpoint.eval.splits[0])
+            module, losses = train_surgery(model, name, tokenizer, prompts, surgery)
+            corrections[endpoint_name] = module
+            learned.setdefault("surgery", {**asdict(surgery), "l1": {}})["l1"][endpoint_name] = losses
     for name in names:
         model.delete_adapter(name)
     model.eval()
@@ -163,11 +178,14 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
 
             draw_lambdas(tmp / "adamerging.png", learned["adamerging"]["history"],
                          [layer for layer, _ in lora_layers(model)], [run.path.name for run, _ in runs])
+        for name, module in corrections.items():
+            save_surgery(module, tmp / "surgery", name)
         metrics, predictions, sections = {}, {}, []
         for index, ((name, endpoint), data) in enumerate(zip(endpoints, datas)):
             task, found = task_of(endpoint), {}
             for split in endpoint.eval.splits:
-                split_metrics, rows = task.evaluate(model, tokenizer, data, split)
+                with with_surgery(model, corrections.get(name)):
+                    split_metrics, rows = task.evaluate(model, tokenizer, data, split)
                 found.update(split_metrics)
                 if index == 0:
                     predictions[split] = rows
@@ -201,6 +219,14 @@ def _merge_section(record: dict) -> str:
         lines += ["", f"AdaMerging learned {learned['granularity']}-wise λ in {learned['steps']} steps by minimising "
                   f"the answer entropy on {learned['prompts']} unlabelled prompts of the endpoints' first evaluation "
                   "splits (no labels); λ per step is in `merge.json`, drawn in `adamerging.png`."]
+    if "surgery" in record:
+        l1 = record["surgery"]["l1"]
+        lines += ["", "Representation Surgery: each endpoint's final-layer representations are corrected by its own "
+                  f"rank-{record['surgery']['rank']} module (`surgery/<endpoint>.safetensors`, llmrec's format, not a "
+                  "stock PEFT adapter; it needs the endpoint at inference), trained without labels towards the "
+                  "expert's representations. Mean L1 distance, first step → last: "
+                  + "; ".join(f"{name} {losses[0]:.4f} → {losses[-1]:.4f}" for name, losses in l1.items()) + ". "
+                  "The metrics above are with each endpoint's module."]
     if record["relative_frobenius_error"]:
         worst = max(record["relative_frobenius_error"].values())
         lines += ["", f"The rank truncation's largest relative Frobenius error over the layers is {worst:.3e} "
