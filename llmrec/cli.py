@@ -10,7 +10,8 @@
                 [--include-base] [--license ID] [--commit-message M] [--dry-run]
                                                                publish the run on the Hugging Face Hub
     llmrec merge RUN_DIR RUN_DIR [...] --method M [--weights W,W,...] [--density D] [--rank R]
-                 [--granularity task|layer --steps N] OUT
+                 [--granularity task|layer --steps N] [--surgery-steps N] OUT
+    llmrec merge MERGE_RECIPE [key=value ...]                 the same from a recipe (recipes/merging/*.yaml)
                                                                LoRA runs on one base merged into a new run
     llmrec recipe check|show RECIPE [key=value ...] [--all]    validate, or print the resolved recipe
     llmrec data stats RECIPE [key=value ...]                   counts per split and an example row
@@ -108,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="merge finished LoRA runs on one base into a new, evaluated run")
     merge.add_argument("paths", nargs="+", metavar="RUN_DIR ... OUT",
-                       help="two or more finished LoRA runs, then the new run directory")
-    merge.add_argument("--method", required=True, choices=["task_arithmetic", "ties", "dare_linear", "dare_ties",
+                       help="two or more finished LoRA runs, then the new run directory; or a merge recipe "
+                       "(recipes/merging/*.yaml) and key=value overrides")
+    merge.add_argument("--method", choices=["task_arithmetic", "ties", "dare_linear", "dare_ties",
                                                            "svd", "cat", "adamerging"])
     merge.add_argument("--weights", help="one weight per run, comma-separated, e.g. 0.7,0.3 (default: 1 each)")
     merge.add_argument("--density", type=float, help="ties, dare_*: the share of each task vector kept")
@@ -199,22 +201,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "export":
         _export(args)
     elif args.command == "merge":
-        from llmrec.merging import AdaMergingConfig, MergeConfig
-        from llmrec.merging.runs import merge_runs
-        from llmrec.merging.surgery import SurgeryConfig
-
-        try:
-            weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-        except ValueError:
-            raise LLMRecError(f"{args.weights!r} is not a comma-separated list of numbers.", "--weights") from None
-        config = MergeConfig(method=args.method, weights=weights, density=args.density, rank=args.rank,
-                             seed=args.seed)
-        adamerging = AdaMergingConfig(granularity=args.granularity, init=args.init, steps=args.steps,
-                                      learning_rate=args.lr, seed=args.seed)
-        *runs, out = args.paths
-        surgery = (SurgeryConfig(rank=args.surgery_rank, steps=args.surgery_steps, seed=args.seed)
-                   if args.surgery_steps else None)
-        print(merge_runs(runs, out, config, adamerging, surgery))
+        _merge(args)
     elif args.command == "push":
         from llmrec.publish.push import push
 
@@ -317,6 +304,34 @@ def _recommend(args: argparse.Namespace) -> None:
     print(f"{'rank':>4}  {'item_id':<12} {'log-prob':>9}  title")
     for row in result["ranked"]:
         print(f"{row['rank']:>4}  {row['item_id']:<12} {row['logprob']:>9.3f}  {row['title']}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from llmrec.merging import AdaMergingConfig, MergeConfig
+    from llmrec.merging.recipe import run_merge_recipe
+    from llmrec.merging.runs import merge_runs
+    from llmrec.merging.surgery import SurgeryConfig
+
+    if args.paths[0].endswith((".yaml", ".yml")):
+        if args.method:
+            raise LLMRecError("a merge recipe sets merge.method; override it as merge.method=...", "--method")
+        print(run_merge_recipe(args.paths[0], args.paths[1:]))
+        return
+    if not args.method:
+        raise LLMRecError("choose how to merge: --method task_arithmetic, ties, dare_linear, dare_ties, svd, cat "
+                          "or adamerging (or give a merge recipe).", "--method")
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    except ValueError:
+        raise LLMRecError(f"{args.weights!r} is not a comma-separated list of numbers.", "--weights") from None
+    config = MergeConfig(method=args.method, weights=weights, density=args.density, rank=args.rank,
+                         seed=args.seed)
+    adamerging = AdaMergingConfig(granularity=args.granularity, init=args.init, steps=args.steps,
+                                  learning_rate=args.lr, seed=args.seed)
+    *runs, out = args.paths
+    surgery = (SurgeryConfig(rank=args.surgery_rank, steps=args.surgery_steps, seed=args.seed)
+               if args.surgery_steps else None)
+    print(merge_runs(runs, out, config, adamerging, surgery))
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -263,6 +263,10 @@ def test_runs_of_other_data_on_the_same_base_are_endpoints_of_the_merged_run(two
     assert "endpoint other (ranking)" in capsys.readouterr().out
     assert {p.name for p in (out / "surgery").iterdir()} == {"first.safetensors", "other.safetensors"}
     assert "Representation Surgery" in card and len(json.loads((out / "merge.json").read_text())["surgery"]["l1"]) == 2
+    assert main(["push", str(out), "me/merged", "--include-base", "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("surgery/other.safetensors", "merge.json", "endpoints.json",
+                                            "adamerging.png", "final/adapter_model.safetensors"))
 
 
 @pytest.mark.slow
@@ -287,3 +291,38 @@ def test_runs_that_cannot_merge_are_refused_with_the_reason(two_runs, tmp_path, 
     assert code == 2 and message in error and str(other) in error
     assert not (tmp_path / "merged").exists()
 
+
+
+def _merge_recipe(tmp_path, text: str):
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("run: {name: m}\ninputs: [a, b]\nmerge: {method: cat, densty: 0.5}\n", "merge.yaml:3: merge.densty: unknown key"),
+    ("run: {name: m}\ninputs: [a]\nmerge: {method: cat}\n", "merge.yaml:2: inputs"),
+    ("run: {name: m}\ninputs: [a, b]\nmerge: {method: ties}\n", "merge.yaml:3: merge: ties needs a density"),
+    ("run: {name: m}\ninputs: [a, b]\nmerge: {method: cat}\nadamerging: {steps: 3}\n",
+     "merge.yaml:4: adamerging: is for merge.method: adamerging"),
+])
+def test_merge_recipe_mistakes_name_the_file_and_line(tmp_path, text, message):
+    from llmrec.merging.recipe import load_merge_recipe
+
+    with pytest.raises(LLMRecError) as caught:
+        load_merge_recipe(_merge_recipe(tmp_path, text))
+    assert message in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_merge_recipe_merges_its_inputs_once(two_runs, tmp_path, capsys):
+    path = _merge_recipe(tmp_path, f"run: {{name: m, output_dir: {tmp_path}}}\n"
+                                   f"inputs: [{two_runs[0]}, {two_runs[1]}]\n"
+                                   "merge: {method: task_arithmetic, weights: [0.5, 0.5]}\n")
+    assert main(["merge", str(path), "merge.weights=[0.3, 0.7]"]) == 0
+    record = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert record["weights"] == [0.3, 0.7] and record["peft_combination"] == "cat"
+    stamp = (tmp_path / "m" / "metrics.json").stat().st_mtime_ns
+    assert main(["merge", str(path)]) == 0 and (tmp_path / "m" / "metrics.json").stat().st_mtime_ns == stamp
+    assert main(["merge", str(path), "--method", "cat"]) == 2
+    capsys.readouterr()

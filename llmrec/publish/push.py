@@ -12,6 +12,8 @@ final/                           llmrec's own format (what `llmrec recommend hf:
                                    CausalDPO's environment head), or the fully fine-tuned model
 base/                            --include-base only: a `tiny:` or local base model, which is on no Hub
 recipe.yaml, metrics.json, curves.png
+merge.json, endpoints.json,      a merged run (`llmrec merge`): what was merged, its endpoints, and the
+  surgery/, adamerging.png         Representation Surgery modules (llmrec's format)
 ```
 
 Never checkpoints, optimizer states or pickles: only files with the suffixes in `PUBLISHED_SUFFIXES` go up.
@@ -94,9 +96,12 @@ def stage(run_dir: str | Path, folder: Path, repo_id: str, user: str | None = No
         write_json(folder / "adapter_config.json", config)
         peft_type = config.get("peft_type")
     _copy_published(run.final, folder / "final")
-    for source in (run.recipe_file, run.metrics_file, run.curves):
+    merged = [run.path / name for name in ("merge.json", "endpoints.json", "adamerging.png")]  # llmrec merge's
+    for source in (run.recipe_file, run.metrics_file, run.curves, *merged):
         if source.is_file():
             shutil.copy2(source, folder / source.name)
+    if (run.path / "surgery").is_dir():  # Representation Surgery modules: llmrec's format, per endpoint
+        _copy_published(run.path / "surgery", folder / "surgery")
     if include_base and base is None:
         _copy_published(run.base if tiny else Path(recipe.model.name).expanduser(), folder / "base")
     data = load_data(recipe.data, recipe.run.seed)
