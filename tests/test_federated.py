@@ -10,28 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
+from conftest import fed_recipe
 
 from llmrec.errors import LLMRecError
 from llmrec.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def fed_recipe(tmp_path: Path, rule: str = "fedlora_opt", name: str = "fed", **federated) -> Path:
-    """A federated recipe on a fresh tiny model, small enough for seconds per round."""
-    raw = yaml.safe_load((REPO / "recipes/fedlora/tiny.yaml").read_text())
-    raw["run"].update(name=name, output_dir=str(tmp_path / "runs"))
-    raw["model"] = {"name": "tiny:qwen2-xs", "tokenizer_vocab_size": 500}
-    raw["data"]["instructions"].update(examples_per_category=30, max_new_tokens=4)
-    raw["adapter"] = {"method": "fedlora" if rule == "fedlora_opt" else "lora", "args": {"r": 4, "lora_alpha": 8}}
-    raw["stages"][0]["args"].update(max_steps=3, per_device_train_batch_size=8)
-    raw["federated"] = {"rule": rule, "num_clients": 3, "rounds": 2, "max_eval_rows": 8, "eval_batch_size": 8,
-                        "partition": {"by": "category", "alpha": 1.0, "min_examples": 10}, **federated}
-    path = tmp_path / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
 
 
 def make_client(tmp_path: Path, rule: str, client: int = 0):

@@ -82,6 +82,11 @@ class FederatedConfig(Section):
                 raise ValueError(f"faults name client {where[1]}, but clients are 0..{self.num_clients - 1}")
         return self
 
+    def central_task(self) -> str:
+        """The eval.task of the same training run without federation (what `llmrec merge` evaluates a federated run's
+        merged client adapters on): the instruction examples, or the next-item rows of the users."""
+        return "instructions" if self.partition.by == "category" else "ranking"
+
     def needs(self, recipe) -> list[tuple[tuple, str]]:
         """A federated recipe trains one SFT stage locally with the adapter its rule works on, on data it can deal
         out."""

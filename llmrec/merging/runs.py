@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,23 +42,42 @@ from .surgery import SurgeryConfig, save_surgery, train_surgery, with_surgery
 logger = get_logger(__name__)
 
 
-def _inputs(run_dirs: list[str | Path]):
+CLIENT = "#client="  # RUN_DIR#client=K: client K's personal adapter of a federated run
+
+
+def _inputs(run_dirs: list[str | Path], workdir: Path):
+    """(run, recipe, adapter folder, what it is) of every input; a federated client's adapter is exported into
+    `workdir`."""
     from llmrec.recipe import load_recipe
     from llmrec.rundir import RunDir
 
     if len(run_dirs) < 2:
         raise LLMRecError("give at least two runs to merge.", "RUN_DIR")
-    runs = []
-    for run_dir in run_dirs:
-        run = RunDir(run_dir)
+    inputs = []
+    for index, source in enumerate(map(str, run_dirs)):
+        path, _, client = source.partition(CLIENT)
+        run = RunDir(path)
         run.require(final=True)
         recipe = load_recipe(run.recipe_file, instantiate=False)
-        if recipe.adapter.method != "lora" or recipe.federated is not None:
-            what = "a federated run" if recipe.federated is not None else f"a {recipe.adapter.method!r} adapter"
-            raise LLMRecError(f"only LoRA runs merge; this run has {what} (export a federated client with "
-                              "`llmrec export --client K` to merge its LoRA).", str(run.path))
-        runs.append((run, recipe))
-    return runs
+        if recipe.federated is not None:
+            if not client.isdigit():
+                raise LLMRecError(f"a federated run merges one client's adapter: name it as {path}{CLIENT}K.", source)
+            from llmrec.federated.run import export_client
+
+            adapter = workdir / f"input{index}"
+            adapter.mkdir(parents=True)
+            export_client(run, recipe, adapter, int(client))
+            # the merged adapter is one central model: evaluated as the clients' task is without federation
+            recipe = load_recipe(run.recipe_file, ["federated=null", f"eval.task={recipe.federated.central_task()}"],
+                                 instantiate=False)
+        elif client:
+            raise LLMRecError(f"{CLIENT}K is for federated runs; this run trained one adapter.", source)
+        elif recipe.adapter.method != "lora":
+            raise LLMRecError(f"only LoRA runs merge; this run has a {recipe.adapter.method!r} adapter.", source)
+        else:
+            adapter = run.final
+        inputs.append((run, recipe, adapter, str(run.path.resolve()) + (f"{CLIENT}{client}" if client else "")))
+    return inputs
 
 
 def _base_identity(run, recipe) -> tuple:
@@ -73,26 +93,26 @@ def _base_identity(run, recipe) -> tuple:
     return ("weights", _digest(folder / "model.safetensors"), _digest(folder / "tokenizer.json"))
 
 
-def _check_compatible(runs) -> None:
-    (first, first_recipe), rest = runs[0], runs[1:]
+def _check_compatible(inputs) -> None:
+    (first, first_recipe, first_adapter, _), rest = inputs[0], inputs[1:]
     base = _base_identity(first, first_recipe)
-    targets = sorted(read_json(first.final / "adapter_config.json")["target_modules"])
-    for run, recipe in rest:
+    targets = sorted(read_json(first_adapter / "adapter_config.json")["target_modules"])
+    for run, recipe, adapter, _ in rest:
         if _base_identity(run, recipe) != base:
             raise LLMRecError(f"its base model ({recipe.model.name!r}) differs from the first run's "
                               f"({first_recipe.model.name!r}) in weights or tokenizer (a tiny base is built from the "
                               "run's data and seed; train the second run with the first run's base/ folder as "
                               "model.name): adapters merge only on the base they were trained on.", str(run.path))
-        theirs = sorted(read_json(run.final / "adapter_config.json")["target_modules"])
+        theirs = sorted(read_json(adapter / "adapter_config.json")["target_modules"])
         if theirs != targets:
             raise LLMRecError(f"its adapter targets {theirs}, the first run's {targets}: merged adapters must target "
                               "the same modules.", str(run.path))
 
 
-def _endpoints(runs) -> list[tuple[str, object]]:
+def _endpoints(inputs) -> list[tuple[str, object]]:
     """(name, recipe) of each distinct (data, evaluation) among the inputs, the first input's first."""
     endpoints, seen = [], []
-    for run, recipe in runs:
+    for run, recipe, _, _ in inputs:
         key = (recipe.to_dict()["data"], recipe.to_dict()["eval"])
         if key not in seen:
             seen.append(key)
@@ -111,6 +131,19 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
     """Merge the runs' adapters into the run directory `out` and evaluate it on every endpoint; returns `out`.
     AdaMerging learns its coefficients, and Surgery its modules, on the unlabelled prompts of each endpoint's first
     evaluation split."""
+
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LLMRecError("the output folder exists and is not empty; choose a new one.", str(out))
+    with tempfile.TemporaryDirectory(prefix="llmrec-merge-") as workdir:
+        inputs = _inputs(run_dirs, Path(workdir))
+        _check_compatible(inputs)
+        return _merge(inputs, out, config, adamerging, surgery)
+
+
+def _merge(inputs, out: Path, config: MergeConfig, adamerging: AdaMergingConfig | None,
+           surgery: SurgeryConfig | None) -> Path:
     from peft import PeftModel
 
     from llmrec.data import load_data
@@ -120,25 +153,20 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
     from llmrec.rundir import RunDir, load_base_model, process_state
     from llmrec.tasks import task_of
 
-    runs = _inputs(run_dirs)
-    _check_compatible(runs)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise LLMRecError("the output folder exists and is not empty; choose a new one.", str(out))
-    first = runs[0][0]
+    first = inputs[0][0]
     recipe = load_recipe(first.recipe_file, [f"run.name={out.name}", f"run.output_dir={out.parent}"],
                          instantiate=False)
-    endpoints = _endpoints(runs)
-    if surgery is not None and len(endpoints) != len(runs):
+    endpoints = _endpoints(inputs)
+    if surgery is not None and len(endpoints) != len(inputs):
         raise LLMRecError("Surgery aligns each endpoint with its expert, so every input must be a different endpoint "
                           "(other data or evaluation); here several inputs share one.", "--surgery-steps")
     state = process_state()
     datas = [load_data(endpoint.data, endpoint.run.seed) for _, endpoint in endpoints]
     base, tokenizer = load_base_model(recipe, first, datas[0], state)
-    names = [f"input{k}" for k in range(len(runs))]
-    model = PeftModel.from_pretrained(base, str(first.final), adapter_name=names[0])
-    for name, (run, _) in zip(names[1:], runs[1:]):
-        model.load_adapter(str(run.final), adapter_name=name)
+    names = [f"input{k}" for k in range(len(inputs))]
+    model = PeftModel.from_pretrained(base, str(inputs[0][2]), adapter_name=names[0])
+    for name, (_, _, adapter, _) in zip(names[1:], inputs[1:]):
+        model.load_adapter(str(adapter), adapter_name=name)
     learned = {}
     if config.method == "adamerging":
         adamerging = adamerging or AdaMergingConfig()
@@ -161,7 +189,7 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
     for name in names:
         model.delete_adapter(name)
     model.eval()
-    record = {"inputs": [str(run.path.resolve()) for run, _ in runs], **asdict(config),
+    record = {"inputs": [what for _, _, _, what in inputs], **asdict(config),
               "peft_combination": config.combination(), "rank": model.peft_config[MERGED].r,
               "endpoints": [name for name, _ in endpoints], "relative_frobenius_error": errors, **learned}
     with atomic_dir(out) as tmp:
@@ -177,7 +205,7 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
             from llmrec.merging.plots import draw_lambdas
 
             draw_lambdas(tmp / "adamerging.png", learned["adamerging"]["history"],
-                         [layer for layer, _ in lora_layers(model)], [run.path.name for run, _ in runs])
+                         [layer for layer, _ in lora_layers(model)], [f"input{k}" for k in range(len(inputs))])
         for name, module in corrections.items():
             save_surgery(module, tmp / "surgery", name)
         metrics, predictions, sections = {}, {}, []
@@ -202,7 +230,7 @@ def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,
         card = target.card.read_text()
         write_text(target.card, card + "".join(f"\n{section}\n" for section in sections) + _merge_section(record))
     worst = max(errors.values(), default=0.0)
-    logger.info(f"wrote {out}: {len(runs)} adapters merged by {config.method} (rank {record['rank']}"
+    logger.info(f"wrote {out}: {len(inputs)} adapters merged by {config.method} (rank {record['rank']}"
                 + (f", worst layer's relative error {worst:.2e}" if errors else "") + ")")
     return out
 
