@@ -6,8 +6,8 @@ merged by each method, over several seeds.
 For each seed: `recipes/merging/ranking-tiny.yaml`, then `recipes/merging/ctr-tiny.yaml` on that run's base, then
 `llmrec merge` of the two by every method in METHODS (each merged run is evaluated on both tasks). Results
 accumulate in <output>/results.json; the table gives each task's metric for the experts and every method (mean ±
-std over seeds), the normalised score (each task's merged metric over its expert's, averaged over the two tasks)
-and the merge's wall time.
+std over seeds), the normalised score (each task's merged metric over its expert's, above chance for AUC, averaged
+over the two tasks) and the merge's wall time.
 """
 
 from __future__ import annotations
@@ -83,13 +83,14 @@ def table(results: dict) -> str:
     for label in ["experts", *(label for label, _ in METHODS.values())]:
         cells = [_stat([seed[label][key] for seed in results.values() if label in seed]) for _, key in COLUMNS]
         normalised = [statistics.mean([seed[label]["test/hr@10"] / seed["experts"]["test/hr@10"],
-                                       seed[label][COLUMNS[2][1]] / seed["experts"][COLUMNS[2][1]]])
+                                       (seed[label][COLUMNS[2][1]] - 0.5) / (seed["experts"][COLUMNS[2][1]] - 0.5)])
                       for seed in results.values() if label in seed]
         seconds = [seed[label]["seconds"] for seed in results.values() if seed.get(label, {}).get("seconds")]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_stat(normalised)} | "
                      + (f"{statistics.mean(seconds):.0f}" if seconds else "–") + " |")
     return "\n".join(lines) + (f"\n\nSeeds: {', '.join(results)}. The experts' row: each task's own expert; "
-                               "normalised: (HR@10 / expert's + AUC / expert's) / 2.")
+                               "normalised: the mean of HR@10 / the expert's and (AUC − 0.5) / (the expert's − 0.5), "
+                               "so 1 keeps both experts and 0 is chance on like prediction and no ranking.")
 
 
 def main() -> None:
@@ -102,7 +103,9 @@ def main() -> None:
     store = args.output / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     for seed in args.seeds:
-        results[str(seed)] = run_seed(seed, args.output)
+        earlier = results.get(str(seed), {})  # keeps the merge times of runs that are only reloaded now
+        fresh = run_seed(seed, args.output)
+        results[str(seed)] = {label: {**earlier.get(label, {}), **row} for label, row in fresh.items()}
         store.write_text(json.dumps(results, indent=1))
     body = table({str(s): results[str(s)] for s in args.seeds})
     print(body)
