@@ -332,14 +332,13 @@ def test_a_merge_recipe_merges_its_inputs_once(two_runs, tmp_path, capsys):
 def test_the_personal_adapters_of_a_federated_runs_clients_merge_without_their_data(tmp_path, capsys):
     from conftest import fed_recipe
 
-    from llmrec.federated.run import federate
-    from llmrec.recipe import load_recipe
-
-    federate(load_recipe(fed_recipe(tmp_path, "fedsa", rounds=1)))
+    fed = fed_recipe(tmp_path, "fedsa", rounds=1)
     run = tmp_path / "runs" / "fed"
     out = tmp_path / "merged"
-    assert main(["merge", f"{run}#client=0", f"{run}#client=2", "--method", "task_arithmetic", "--weights", "0.5,0.5",
-                 str(out)]) == 0
+    recipe = _merge_recipe(tmp_path, f"run: {{name: merged, output_dir: {tmp_path}}}\n"
+                                     f"inputs: ['{fed}#client=0', '{run}#client=2']\n"
+                                     "merge: {method: task_arithmetic, weights: [0.5, 0.5]}\n")
+    assert main(["merge", str(recipe)]) == 0  # federates the recipe first, then merges two of its clients
     record = json.loads((out / "merge.json").read_text())
     assert record["inputs"] == [f"{run.resolve()}#client=0", f"{run.resolve()}#client=2"] and record["rank"] == 8
     assert "test/exact_match" in json.loads((out / "metrics.json").read_text())

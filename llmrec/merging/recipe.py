@@ -2,7 +2,8 @@
 
 ```yaml
 run: {name: multitask-tiny, output_dir: runs}
-inputs:                        # training recipes (trained first when their run is not finished) or run directories
+inputs:                        # training recipes (trained first when their run is not finished) or run directories;
+                               # RECIPE_OR_RUN#client=K: client K's personal adapter of a federated run
   - recipes/merging/ranking-tiny.yaml
   - recipes/merging/ctr-tiny.yaml
 merge: {method: adamerging}    # the fields of llmrec.merging.MergeConfig
@@ -83,7 +84,7 @@ def run_merge_recipe(path: str | Path, overrides: list[str] | None = None) -> Pa
     from llmrec.run import train
     from llmrec.rundir import RunDir
 
-    from .runs import merge_runs
+    from .runs import CLIENT, merge_runs
 
     recipe, merge, adamerging, surgery = load_merge_recipe(path, overrides)
     out = Path(recipe.run.output_dir) / recipe.run.name
@@ -92,15 +93,23 @@ def run_merge_recipe(path: str | Path, overrides: list[str] | None = None) -> Pa
         return out
     run_dirs = []
     for index, source in enumerate(recipe.inputs):
-        if Path(source).suffix in (".yaml", ".yml"):
-            training = load_recipe(source)
+        file, _, client = source.partition(CLIENT)
+        suffix = f"{CLIENT}{client}" if client else ""
+        if Path(file).suffix in (".yaml", ".yml"):
+            training = load_recipe(file)
             run = RunDir(Path(training.run.output_dir) / training.run.name)
             if not run.is_complete():
                 logger.info(f"training input {index} ({source}) first")
-                train(training)
-            run_dirs.append(run.path)
-        elif Path(source).is_dir():
-            run_dirs.append(Path(source))
+                if training.federated is not None:
+                    from llmrec.federated.run import federate
+
+                    federate(training)
+                else:
+                    train(training)
+            run_dirs.append(f"{run.path}{suffix}")
+        elif Path(file).is_dir():
+            run_dirs.append(source)
         else:
-            raise LLMRecError("neither a training recipe (.yaml) nor a run directory.", f"{path}: inputs.{index}")
+            raise LLMRecError("neither a training recipe (.yaml) nor a run directory (either may end in "
+                              f"{CLIENT}K for a federated run's client K).", f"{path}: inputs.{index}")
     return merge_runs(run_dirs, out, merge, adamerging, surgery)
