@@ -74,7 +74,8 @@ def test_a_model_forward_matches_per_sample_forwards(tokenizer, base):
         together = model(**batch).logits
         for b in range(3):
             alone = model(**{k: v[b : b + 1] for k, v in batch.items()}).logits
-            torch.testing.assert_close(together[b : b + 1], alone, rtol=1e-4, atol=1e-5)
+            # float32 batched and single-row GEMMs reduce in different orders (more so on one thread)
+            torch.testing.assert_close(together[b : b + 1], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_the_increment_depends_on_the_user_and_the_item(tokenizer, base):
