@@ -13,6 +13,9 @@ input run that has it; the merged model is evaluated on every endpoint: the firs
 `predictions/<name>.<split>.jsonl` and their results in the card. `endpoints.json` records each endpoint's recipe,
 so the task a request belongs to is known. `llmrec eval OUT` evaluates the first endpoint again.
 
+An input `RUN_DIR#client=K` is client K's personal adapter of a federated run (exported as stock LoRA first); the
+merged adapter is one central model, evaluated on the clients' task without federation.
+
 `--surgery-steps` adds Representation Surgery (`llmrec.merging.surgery`): one module per endpoint in `surgery/`,
 used when that endpoint is evaluated.
 
