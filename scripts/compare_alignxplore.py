@@ -76,10 +76,12 @@ def table(results: dict[str, dict], variants: list[str]) -> str:
             cells.append(_stat([seed[run].get(key) for seed in results.values()]) if key else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     formats = [f"{seed[run].get('test/format_ok', 0):.2f}" for run in ("sft", "rl") for seed in results.values()]
-    seconds = [seed["sft_seconds"] + seed["rl_seconds"] for seed in results.values()]
+    # a run that was only reloaded has no wall time here (e.g. an SFT model reused from an earlier run)
+    seconds = [seed["sft_seconds"] + seed["rl_seconds"] for seed in results.values()
+               if "sft_seconds" in seed and "rl_seconds" in seed]
     return ("\n".join(lines) + f"\n\nSeeds: {', '.join(results)} (mean ± standard deviation over seeds). Well-formed "
             f"outputs (SFT seeds, then RL seeds): {', '.join(formats)}. Wall time per seed (SFT + RL, with "
-            f"evaluations): {statistics.mean(seconds):.0f} s.")
+            f"evaluations): {f'{statistics.mean(seconds):.0f} s' if seconds else 'not measured (reloaded runs)'}.")
 
 
 def main() -> None:
