@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import inside, run_cli, small_recipe, train_tiny
+from conftest import inside, run_cli, small_recipe, train_tiny, train_tiny_cora
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -151,14 +151,7 @@ def test_a_lamp_prompt_tuning_export_loads_from_another_directory(tmp_path):
 
 
 def test_a_cora_export_for_one_user_loads_from_another_directory(tmp_path):
-    data = {"source": {"format": "synthetic", "num_users": 60, "num_items": 40, "max_interactions": 15,
-                       "latent_dim": 4}, "split": {"method": "temporal"}, "ctr": {"history_length": 3}}
-    adapter = {"method": "cora", "args": {"r": 4, "query_dim": 32, "target_modules": "qv", "cf_dim": 8,
-                                          "cf_epochs": 2, "conditioning": "user"}}
-    stages = [{"trainer": "ctr", "args": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
-                                         "logging_steps": 3, "save_steps": 3}}]
-    project = train_tiny(tmp_path, "cora", data=data, adapter=adapter, stages=stages,
-                     eval={"task": "ctr", "splits": ["test"], "batch_size": 32})
+    project = train_tiny_cora(tmp_path).parents[1]
     out = _export(project, "cora", user="u0001")
     readme = _check_portable(out)
     assert "user 'u0001'" in readme and f"--lora-modules cora-u0001={out}" in readme

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import small_recipe, train_tiny
+from conftest import small_recipe, train_tiny, train_tiny_cora
 from huggingface_hub import ModelCard
 
 from llmrec.cli import main
@@ -143,14 +143,7 @@ def test_an_unknown_revision_to_load_is_one_paragraph(lora_run, hub, capsys):
 
 
 def test_a_cora_run_publishes_one_users_lora_beside_llmrecs_format(tmp_path, hub, capsys):
-    data = {"source": {"format": "synthetic", "num_users": 60, "num_items": 40, "max_interactions": 15,
-                       "latent_dim": 4}, "split": {"method": "temporal"}, "ctr": {"history_length": 3}}
-    adapter = {"method": "cora", "args": {"r": 4, "query_dim": 32, "target_modules": "qv", "cf_dim": 8,
-                                          "cf_epochs": 2, "conditioning": "user"}}
-    stages = [{"trainer": "ctr", "args": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
-                                         "logging_steps": 3, "save_steps": 3}}]
-    run = train_tiny(tmp_path, "cora", data=data, adapter=adapter, stages=stages,
-                     eval={"task": "ctr", "splits": ["test"], "batch_size": 32}) / "runs" / "cora"
+    run = train_tiny_cora(tmp_path)
     code, output = _push(capsys, run, "alice/cora-u1", "--include-base", "--user", "u0001")
     assert code == 0, output
     files = hub.files("alice/cora-u1")

@@ -87,10 +87,10 @@ def _base_identity(run, recipe) -> tuple:
     """What makes two runs' bases the same: the Hub id and revision, or the weights and tokenizer of a built or
     local base."""
     from llmrec.models.tiny import is_tiny
-    from llmrec.publish.export import _is_folder
+    from llmrec.publish.export import is_folder
 
     name = recipe.model.name
-    if not is_tiny(name) and not _is_folder(name):
+    if not is_tiny(name) and not is_folder(name):
         return ("hub", name, recipe.model.revision)
     folder = run.base if is_tiny(name) else Path(name).expanduser()
     return ("weights", _digest(folder / "model.safetensors"), _digest(folder / "tokenizer.json"))

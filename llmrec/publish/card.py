@@ -3,8 +3,8 @@ baselines, and how to use it.
 
 The card is a `huggingface_hub.ModelCard`: its YAML metadata is a `ModelCardData` (`card_metadata`) and the Hub
 reads it as it reads any model card: `base_model` (only when the base is a real Hub id; a `tiny:` or local base is
-named in the text instead), `base_model_relation`, `library_name` (`peft` when the run's adapter has a stock PEFT
-form), `pipeline_tag`, `tags`, `license`, and a `model-index` with the model's metrics per split (`eval_results`).
+named in the text instead), `base_model_relation`, `library_name` (`peft` when the run's adapter is a stock PEFT
+adapter), `pipeline_tag`, `tags`, `license`, and a `model-index` with the model's metrics per split (`eval_results`).
 The task (`llmrec.tasks`) writes its own parts of the body: the introduction, the data line, the results and the
 notes on reading and using them. `llmrec push` reuses the body and adds how to load the published repository.
 """
@@ -18,9 +18,8 @@ from llmrec.files import write_text
 from llmrec.tasks import task_of
 from llmrec.versions import library_versions
 
-# adapters whose trained part has an exact stock PEFT form (CoRA: per user; EPT: without position offsets)
-PEFT_FORMS = {"lora": "LoRA", "fedlora": "LoRA", "cora": "LoRA", "prompt_tuning": "prompt tuning",
-              "lamp": "prompt tuning", "ept": "prompt tuning"}
+# adapters whose final/ folder already is a stock PEFT adapter (the others export to one, or have none)
+STOCK_FINAL = ("lora", "prompt_tuning")
 # metrics.json metric names that go into the model-index, with their display names
 INDEXED_METRICS = {r"hr@(\d+)": "HR@{}", r"ndcg@(\d+)": "NDCG@{}", r"auc": "AUC", r"uauc": "UAUC",
                    r"accuracy": "accuracy", r"mean_accuracy": "mean accuracy",
@@ -32,12 +31,12 @@ def hub_base_model(recipe) -> str | None:
     names the Hub repository its converted weights come from."""
     from llmrec.models.packaged import PACKAGED
     from llmrec.models.tiny import is_tiny
-    from llmrec.publish.export import _is_folder
+    from llmrec.publish.export import is_folder
 
     name = recipe.model.name
     if name in PACKAGED:
         return PACKAGED[name].hub_id
-    if is_tiny(name) or _is_folder(name):
+    if is_tiny(name) or is_folder(name):
         return None
     return name
 
@@ -94,7 +93,8 @@ def card_metadata(recipe, metrics: dict, license: str | None = None, model_name:
     results = eval_results(recipe, metrics)
     extra = {"base_model_relation": "adapter" if method != "none" else "finetune"} if base else {}
     return ModelCardData(
-        base_model=base, library_name="peft" if method in PEFT_FORMS else "transformers",
+        base_model=base,
+        library_name="peft" if method in STOCK_FINAL else "transformers" if method == "none" else "llmrec",
         pipeline_tag="text-generation", tags=tags, license=license, model_name=model_name or recipe.run.name,
         eval_results=results or None, **extra,
     )

@@ -139,7 +139,7 @@ def make_portable(folder: Path, out: Path, run, recipe, what: str, tokenizer=Non
                               "to rebuild it.", str(run.path))
         shutil.copytree(run.base, folder / "base")
         base = str(out.resolve() / "base")
-    elif _is_folder(name):
+    elif is_folder(name):
         local = Path(name).expanduser()
         if not local.is_dir():
             raise LLMRecError(f"the base model folder is not at {local.resolve()}; a relative model.name is read from "
@@ -150,7 +150,7 @@ def make_portable(folder: Path, out: Path, run, recipe, what: str, tokenizer=Non
     config_file = folder / "adapter_config.json"
     config = read_json(config_file)
     config["base_model_name_or_path"] = base
-    if recipe.model.revision and not is_tiny(name) and not is_packaged(name) and not _is_folder(name):
+    if recipe.model.revision and not is_tiny(name) and not is_packaged(name) and not is_folder(name):
         config["revision"] = recipe.model.revision
     write_json(config_file, config)
     if tokenizer is None:
@@ -162,7 +162,7 @@ def make_portable(folder: Path, out: Path, run, recipe, what: str, tokenizer=Non
     write_text(folder / "README.md", _readme(run, recipe, out.resolve(), base, config, what, module))
 
 
-def _is_folder(name: str) -> bool:
+def is_folder(name: str) -> bool:
     """As `llmrec.models.load_base` reads model.name: an existing folder, or a path (a Hub id has one slash)."""
     return Path(name).expanduser().is_dir() or name.startswith((".", "/", "~")) or name.count("/") > 1
 

@@ -73,7 +73,7 @@ def stage(run_dir: str | Path, folder: Path, repo_id: str, user: str | None = No
     from llmrec.data import load_data
     from llmrec.files import read_json, write_json
     from llmrec.models.tiny import is_tiny
-    from llmrec.publish.card import PEFT_FORMS, card_body, card_metadata, hub_base_model
+    from llmrec.publish.card import card_body, card_metadata, hub_base_model
     from llmrec.recipe import load_recipe
     from llmrec.rundir import RunDir
 
@@ -106,8 +106,8 @@ def stage(run_dir: str | Path, folder: Path, repo_id: str, user: str | None = No
         _copy_published(run.base if tiny else Path(recipe.model.name).expanduser(), folder / "base")
     data = load_data(recipe.data, recipe.run.seed)
     metadata = card_metadata(recipe, run.metrics(), license=license or "other", model_name=repo_id.split("/")[-1])
-    if recipe.adapter.method not in PEFT_FORMS or stock is None:
-        metadata.library_name = "transformers" if recipe.adapter.method == "none" else "llmrec"
+    if stock is not None:  # the top of the repository is a stock PEFT adapter, whatever final/ holds
+        metadata.library_name = "peft"
     body = card_body(recipe, data, run.metrics(), f"{HUB_SCHEME}{repo_id}")
     text = f"---\n{metadata.to_yaml()}\n---\n{body}\n{_loading(recipe, repo_id, base, stock, peft_type, license)}"
     card = ModelCard(text)
