@@ -7,15 +7,18 @@
 
 The recipe is a two-stage CausalDPO recipe (SFT, then causal_dpo). For each seed the script trains the SFT stage
 once (an SFT-only run: the SFT row of the table), then runs the second stage with each preference trainer from a
-copy of that SFT stage's result, so every method starts from the same model and sees the same rows. Pairwise DPO
+copy of that SFT stage's result, so every method starts from the same model and sees the same rows. The SFT runs
+live in <output>/sft-seed<N>, shared by every title under one --output (another sampler reuses them; a --set that
+changes the SFT stage needs its own --output, or llmrec refuses to resume a run of a different recipe). Pairwise DPO
 expands a target's J negatives into J rows; its batch is J times larger, so it takes the same number of optimizer
 steps as softmax DPO and CausalDPO and each step sees the same negatives. Arguments
 that only one trainer's config has (CausalDPO's environment settings, softmax DPO's clamp) are dropped for the
 others. A `--variant LABEL key=value ...` runs CausalDPO again with overrides (another λ, known environments) as the
-row `causal_dpo[LABEL]`, reusing the SFT runs. Results accumulate in <output>/<title slug>/results.json across
-invocations; the script prints and (with --benchmarks) writes into BENCHMARKS.md one table per evaluated split (IID
-test and the OOD ones) of mean ± std over seeds of HR@10, NDCG@10, HR@20, NDCG@20 and the over-recommendation
-ratio @10, between markers, so a rerun replaces its own tables; `--table-only` runs nothing and only rewrites them.
+row `causal_dpo[LABEL]`, reusing the SFT runs. Results accumulate by method and seed in
+<output>/<title slug>/results.json across invocations (one seed per invocation is fine); the script prints and (with
+--benchmarks) writes into BENCHMARKS.md one table per evaluated split (IID test and the OOD ones) of mean ± std over
+seeds of HR@10, NDCG@10, HR@20, NDCG@20 and the over-recommendation ratio @10, between markers, so a rerun replaces
+its own tables; `--table-only` runs nothing and only rewrites them.
 """
 
 from __future__ import annotations
@@ -86,8 +89,9 @@ def run(recipe: dict, folder: Path, log: Path) -> dict:
     return metrics
 
 
-def table(results: dict[str, list[dict]], splits: list[str]) -> str:
-    """One Markdown table per split: methods down, metrics across, mean ± standard deviation over seeds."""
+def table(results: dict[str, dict[str, dict]], splits: list[str]) -> str:
+    """One Markdown table per split: methods down, metrics across, mean ± standard deviation over seeds (`results`:
+    method -> seed -> metrics)."""
     tables = []
     for split in splits:
         header = f"**{SPLIT_NAMES.get(split, split)}**\n\n| method | " + " | ".join(
@@ -97,12 +101,13 @@ def table(results: dict[str, list[dict]], splits: list[str]) -> str:
         for method in results:
             cells = []
             for metric in METRICS:
-                values = [r[f"{split}/{metric}"] for r in results[method] if f"{split}/{metric}" in r]
+                values = [r[f"{split}/{metric}"] for r in results[method].values() if f"{split}/{metric}" in r]
                 spread = statistics.stdev(values) if len(values) > 1 else 0.0
                 cells.append(f"{statistics.mean(values):.4f} ± {spread:.4f}" if values else "–")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         tables.append("\n".join(lines))
-    return "\n\n".join(tables)
+    seeds = sorted({int(seed) for rows in results.values() for seed in rows})
+    return "\n\n".join(tables) + f"\n\nSeeds: {', '.join(map(str, seeds))} (mean ± standard deviation over seeds)."
 
 
 def write_benchmarks(path: Path, title: str, command: str, body: str, tag: str = "compare_alignment") -> None:
@@ -141,16 +146,15 @@ def main() -> None:
     output = Path(args.output) / slug
     log = output / "runs.log"
     output.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((output / "results.json").read_text()) if (output / "results.json").exists() else {}
     variant = args.variant[1:] if args.variant else []
     labels = {m: (f"{m}[{args.variant[0]}]" if args.variant and m == "causal_dpo" else m) for m in args.methods}
-    results: dict[str, list[dict]] = {labels[m]: [] for m in args.methods}
+    results: dict[str, dict[str, dict]] = {labels[m]: {} for m in args.methods}
     for seed in [] if args.table_only else args.seeds:
         print(f"seed {seed}", flush=True)
         sft_name = f"sft-seed{seed}"
-        sft_metrics = run(method_recipe(resolved, "sft", seed, sft_name, output), output / "recipes", log)
+        sft_metrics = run(method_recipe(resolved, "sft", seed, sft_name, Path(args.output)), output / "recipes", log)
         if "sft" in args.methods:
-            results["sft"].append(sft_metrics)
+            results["sft"][str(seed)] = sft_metrics
         for method in [m for m in args.methods if m != "sft"]:
             name = f"{labels[method]}-seed{seed}".replace("[", "-").replace("]", "")
             target = output / name
@@ -158,13 +162,16 @@ def main() -> None:
                 # start from the SFT stage already trained for this seed: llmrec resumes after a finished stage
                 shutil.rmtree(target, ignore_errors=True)
                 for part in ("base", "checkpoints/stage0-sft"):
-                    source = output / sft_name / part
+                    source = Path(args.output) / sft_name / part
                     if source.exists():
                         shutil.copytree(source, target / part)
             recipe = method_recipe(resolved, method, seed, name, output, variant if method == "causal_dpo" else [])
-            results[labels[method]].append(run(recipe, output / "recipes", log))
+            results[labels[method]][str(seed)] = run(recipe, output / "recipes", log)
     splits = [s for s in base.eval.splits if s != "valid"]
-    merged = {**previous, **{method: rows for method, rows in results.items() if rows}}
+    # read now, not at start: another invocation (another seed) may have written its results meanwhile
+    previous = json.loads((output / "results.json").read_text()) if (output / "results.json").exists() else {}
+    merged = {method: {**previous.get(method, {}), **results.get(method, {})} for method in {*previous, *results}}
+    merged = {method: rows for method, rows in merged.items() if rows}
     order = [m for m in METHODS if m in merged] + sorted(m for m in merged if m not in METHODS)
     merged = {m: merged[m] for m in order}
     (output / "results.json").write_text(json.dumps(merged, indent=2))

@@ -7,14 +7,16 @@
 For each seed: the SFT stage of the ECHO recipe is run alone and evaluated (the "before" row); then each
 test-time RL recipe (flat TTRL, ECHO, and any --variant) starts from that same SFT model (its stage folder is copied
 into the new run, which resumes after it) and is evaluated on the same questions with the same sampling. Results
-accumulate in <output>/results.json; the table (mean ± std over seeds) is printed and, with --benchmarks, written
-into BENCHMARKS.md between markers.
+accumulate in <output>/results.json (a rerun reloads finished runs and keeps their recorded times; `--table-only`
+runs nothing); the table (mean ± std over seeds) is printed and, with --benchmarks, written into BENCHMARKS.md
+between markers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -70,13 +72,16 @@ def run_seed(seed: int, methods: dict[str, tuple[str, list[str]]], output: Path,
     for label, (recipe, overrides) in methods.items():
         name = f"{label}-s{seed}"
         run = output / name
-        if not (run / "metrics.json").is_file():
+        finished_before = (run / "metrics.json").is_file()
+        if not finished_before:
             for part in ("base", "checkpoints/stage0-sft"):
                 if (output / sft_name / part).is_dir():
                     shutil.copytree(output / sft_name / part, run / part, dirs_exist_ok=True)
         seconds = _train(recipe, [f"run.seed={seed}", f"run.name={name}", f"run.output_dir={output}", *common,
                                   *overrides], log)
         rows[label] = _row(run, seconds)
+        if finished_before:  # a reload's time is not the run's
+            del rows[label]["seconds"]
         print(f"seed {seed} {label}: {rows[label]}", flush=True)
     return rows
 
@@ -142,6 +147,7 @@ def main() -> None:
                              "row LABEL")
     parser.add_argument("--only-variants", action="store_true", help="run the variants alone (not ttrl and echo)")
     parser.add_argument("--benchmarks", type=Path)
+    parser.add_argument("--table-only", action="store_true", help="run nothing; build the table from results.json")
     parser.add_argument("--title", default="Test-time RL on the arithmetic world: flat TTRL vs ECHO")
     parser.add_argument("--set", dest="common", action="append", default=[], metavar="key=value",
                         help="an override for every run, the SFT model's too (e.g. data.reasoning.solution_order=any)")
@@ -153,17 +159,20 @@ def main() -> None:
         methods[label] = (METHODS[method or "echo"], overrides)
     store = args.output / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
-    for seed in args.seeds:
+    for seed in [] if args.table_only else args.seeds:
         earlier = results.get(str(seed), {})
         fresh = run_seed(seed, methods, args.output, args.output / "log.txt", args.common)
-        if "sft" in earlier and "seconds" not in fresh["sft"]:
-            fresh["sft"] = earlier["sft"]
+        for label, row in fresh.items():
+            if "seconds" not in row and "seconds" in earlier.get(label, {}):
+                row["seconds"] = earlier[label]["seconds"]
         results[str(seed)] = {**earlier, **fresh}
         store.write_text(json.dumps(results, indent=1))
     body = table({s: results[str(s)] for s in args.seeds})
     print(body)
     if args.benchmarks:
-        command = "python scripts/compare_echo.py " + " ".join(sys.argv[1:])
+        argv = [a for k, a in enumerate(sys.argv[1:]) if a not in ("--table-only", "--benchmarks")
+                and sys.argv[k] != "--benchmarks"]  # the command that produced the results, not this rewrite
+        command = "python scripts/compare_echo.py " + shlex.join(argv)
         write_benchmarks(args.benchmarks, args.title, command, body, tag="compare_echo")
 
 

@@ -5,11 +5,13 @@
 
 Runs `llmrec federate recipes/fedlora/<rule>-tiny.yaml` (FedLoRA-Optimizer: tiny.yaml) for each rule, seed and
 learning rate, one process each (`--label` names a variant made by `--set` overrides: its rows are
-`<rule>+<label>`), after the shared base model (`recipes/fedlora/pretrain-tiny.yaml`). A seed
-changes the world's facts and rows, the Dirichlet partition, the adapter's initialisation and the data order; the
-base model stays the same. Results accumulate in <output>/results.json; the tables (mean ± std over seeds of the
-last round's pooled global and local exact match and loss, and bytes per round) are printed and, with
---benchmarks, written into BENCHMARKS.md between markers.
+`<rule>+<label>`), after the shared base model (`recipes/fedlora/pretrain-tiny.yaml`). With `--recipe R` (a
+FedLoRA-Optimizer recipe such as recipes/fedlora/instructions-smollm2.yaml) every rule runs R with
+`adapter.method=lora federated.rule=<rule>` (the tiny twins differ from tiny.yaml in exactly those two keys) and
+no base-model recipe comes first. A seed changes the world's facts and rows, the Dirichlet partition, the
+adapter's initialisation and the data order; the base model stays the same. Results accumulate in
+<output>/results.json; the tables (mean ± std over seeds of the last round's pooled global and local exact match
+and loss, and bytes per round) are printed and, with --benchmarks, written into BENCHMARKS.md between markers.
 """
 
 from __future__ import annotations
@@ -93,13 +95,16 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/compare-federated"))
     parser.add_argument("--benchmarks", type=Path, help="write the table into this Markdown file")
     parser.add_argument("--table-only", action="store_true", help="run nothing: print (and write) the table")
+    parser.add_argument("--recipe", help="one FedLoRA-Optimizer recipe for every rule (the others as LoRA twins)")
+    parser.add_argument("--title", default="Federated LoRA rules on the tiny instruction world",
+                        help="the BENCHMARKS.md section")
     args = parser.parse_args()
 
     args.output.mkdir(parents=True, exist_ok=True)
     results_file, log = args.output / "results.json", args.output / "log.txt"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if not args.table_only:
-        if not Path("runs/fedlora-pretrain-tiny/metrics.json").is_file():
+        if not args.recipe and not Path("runs/fedlora-pretrain-tiny/metrics.json").is_file():
             _run(["train", "recipes/fedlora/pretrain-tiny.yaml"], log)
         for seed in args.seeds:
             for rule in args.rules:
@@ -110,7 +115,13 @@ def main() -> None:
                         continue
                     overrides = [f"run.name={name}", f"run.seed={seed}", f"run.output_dir={args.output}",
                                  f"stages.0.args.learning_rate={lr}", *args.overrides]
-                    seconds = _run(["federate", RECIPES[rule], *overrides], log)
+                    if args.recipe:
+                        recipe = args.recipe
+                        if rule != "fedlora_opt":
+                            overrides += ["adapter.method=lora", f"federated.rule={rule}"]
+                    else:
+                        recipe = RECIPES[rule]
+                    seconds = _run(["federate", recipe, *overrides], log)
                     results.setdefault(key, {})[str(seed)] = _row(args.output / name, seconds)
                     results_file.write_text(json.dumps(results, indent=2))
                     print(f"{key} seed {seed}: " + ", ".join(f"{m} {results[key][str(seed)][m]:.4f}" for m in METRICS),
@@ -119,8 +130,7 @@ def main() -> None:
     print(body)
     if args.benchmarks:
         command = "python scripts/compare_federated.py " + " ".join(sys.argv[1:])
-        write_benchmarks(args.benchmarks, "Federated LoRA rules on the tiny instruction world", command, body,
-                         tag="compare_federated")
+        write_benchmarks(args.benchmarks, args.title, command, body, tag="compare_federated")
 
 
 if __name__ == "__main__":

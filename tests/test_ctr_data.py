@@ -152,6 +152,19 @@ def test_caps_per_user_and_on_evaluation_rows(world):
     assert len(ctr_examples(world, "train", CTRTaskConfig(balance=False, max_eval_examples=5), 0)) == len(full)
 
 
+def test_evaluation_user_sample_keeps_all_rows_of_the_sampled_users(world):
+    test = ctr_examples(world, "test", CTRTaskConfig(), 0).to_pandas()
+    sample = ctr_examples(world, "test", CTRTaskConfig(max_eval_users=5), 0).to_pandas()
+    users = set(sample["user_id"])
+    assert len(users) == 5 < test["user_id"].nunique()
+    pd.testing.assert_frame_equal(sample, test[test["user_id"].isin(users)].reset_index(drop=True))
+    assert set(ctr_examples(world, "test", CTRTaskConfig(max_eval_users=5), 1)["user_id"]) != users
+    both = ctr_examples(world, "test", CTRTaskConfig(max_eval_users=5, max_eval_examples=4), 0)
+    assert len(both) == 4 and set(both["user_id"]) <= users
+    train = ctr_examples(world, "train", CTRTaskConfig(balance=False), 0)
+    assert len(ctr_examples(world, "train", CTRTaskConfig(balance=False, max_eval_users=1), 0)) == len(train)
+
+
 def test_rows_are_deterministic_under_the_seed(world):
     config = CTRTaskConfig(max_eval_examples=30)
     for split in ("train", "test"):

@@ -13,7 +13,9 @@ history. `min_history` applies to every split, so training and evaluation prompt
 Training rows: `max_examples_per_user` keeps each user's latest rows, then `balance` downsamples the majority class
 to the minority's size (seeded), because ratings are skewed towards likes on most datasets and a classifier
 trained on them learns to answer "Yes". Evaluation rows are never balanced (AUC does not need it, and the true
-class ratio is part of what is measured); `max_eval_examples` draws a seeded sample, kept in data order.
+class ratio is part of what is measured); `max_eval_users` keeps the rows of a seeded sample of users (all of each
+one's rows, so per-user AUC stays defined on a small evaluation), then `max_eval_examples` draws a seeded sample of
+rows, kept in data order.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ class CTRTaskConfig(Section):
     )
     max_eval_examples: int | None = Field(
         None, ge=1, description="Evaluation rows: a seeded sample of at most this many (None: all)."
+    )
+    max_eval_users: int | None = Field(
+        None, ge=1, description="Evaluation rows: only those of a seeded sample of this many users (None: all), so "
+        "that a small evaluation still has users with both likes and dislikes for UAUC; applied before "
+        "max_eval_examples.",
     )
 
     @field_validator("prompt_template")
@@ -129,13 +136,17 @@ def ctr_examples(data: RecData, split: str, config: CTRTaskConfig, seed: int) ->
         if label and (split != "train" or item_split == "train"):
             history.append(item)
 
+    rng = np.random.default_rng(seed)
+    if split != "train" and config.max_eval_users is not None and len(per_user) > config.max_eval_users:
+        users = list(per_user)
+        per_user = {users[k]: per_user[users[k]] for k in sorted(rng.choice(len(users), config.max_eval_users,
+                                                                            replace=False))}
     rows: list[_Row] = []
     for user_rows in per_user.values():
         if split == "train" and config.max_examples_per_user is not None:
             user_rows = user_rows[-config.max_examples_per_user :]
         rows.extend(user_rows)
 
-    rng = np.random.default_rng(seed)
     if split == "train" and rows:
         labels = Counter(row.label for row in rows)
         if len(labels) == 1:

@@ -29,7 +29,7 @@ def draw_curves(path: Path, histories: dict[str, list[dict]], panels: list[Calla
             loss_axis.plot(*zip(*valid), marker="o", label=f"{label} valid")
         offset += max((h.get("step", 0) for h in history), default=0)
     loss_axis.set(title="Training loss", xlabel="optimizer step (stages one after another)", ylabel="loss")
-    if histories:
+    if loss_axis.get_legend_handles_labels()[0]:  # a run shorter than its logging interval logged no loss
         loss_axis.legend()
     for axis, draw in zip(metric_axes, panels):
         draw(axis)
