@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -108,6 +109,17 @@ def table(results: dict[str, dict[str, dict]], splits: list[str]) -> str:
         tables.append("\n".join(lines))
     seeds = sorted({int(seed) for rows in results.values() for seed in rows})
     return "\n\n".join(tables) + f"\n\nSeeds: {', '.join(map(str, seeds))} (mean ± standard deviation over seeds)."
+
+
+def reproducing_command(script: str) -> str:
+    """The command line of this invocation as it reproduces the results: shell-quoted, without `--benchmarks FILE`
+    and `--table-only` (which only rewrite the table)."""
+    argv, kept = sys.argv[1:], []
+    for index, arg in enumerate(argv):
+        if arg in ("--benchmarks", "--table-only") or (index and argv[index - 1] == "--benchmarks"):
+            continue
+        kept.append(arg)
+    return f"python scripts/{script} {shlex.join(kept)}"
 
 
 def write_benchmarks(path: Path, title: str, command: str, body: str, tag: str = "compare_alignment") -> None:

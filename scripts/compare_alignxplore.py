@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare_alignment import write_benchmarks
+from compare_alignment import reproducing_command, write_benchmarks
 
 SFT, RL = "recipes/alignxplore/tiny_sft.yaml", "recipes/alignxplore/tiny_rl.yaml"
 COLUMNS = [("in domain", "test/{}"), ("streaming update", "test/streaming"), ("out of domain (ml-100k)", "ood/{}"),
@@ -105,7 +105,7 @@ def main() -> None:
     print(body)
     if args.benchmarks:
         write_benchmarks(args.benchmarks, args.title,
-                         "python scripts/compare_alignxplore.py " + " ".join(sys.argv[1:]), body,
+                         reproducing_command("compare_alignxplore.py"), body,
                          tag="compare_alignxplore")
 
 

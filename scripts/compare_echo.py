@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
-from compare_alignment import write_benchmarks
+from compare_alignment import reproducing_command, write_benchmarks
 
 METHODS = {"ttrl": "recipes/ttrl/tiny.yaml", "echo": "recipes/echo/tiny.yaml"}
 
@@ -170,10 +169,7 @@ def main() -> None:
     body = table({s: results[str(s)] for s in args.seeds})
     print(body)
     if args.benchmarks:
-        argv = [a for k, a in enumerate(sys.argv[1:]) if a not in ("--table-only", "--benchmarks")
-                and sys.argv[k] != "--benchmarks"]  # the command that produced the results, not this rewrite
-        command = "python scripts/compare_echo.py " + shlex.join(argv)
-        write_benchmarks(args.benchmarks, args.title, command, body, tag="compare_echo")
+        write_benchmarks(args.benchmarks, args.title, reproducing_command("compare_echo.py"), body, tag="compare_echo")
 
 
 if __name__ == "__main__":

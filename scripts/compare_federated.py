@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare_alignment import write_benchmarks
+from compare_alignment import reproducing_command, write_benchmarks
 
 RECIPES = {
     "fedlora_opt": "recipes/fedlora/tiny.yaml",
@@ -129,8 +129,8 @@ def main() -> None:
     body = table(results)
     print(body)
     if args.benchmarks:
-        command = "python scripts/compare_federated.py " + " ".join(sys.argv[1:])
-        write_benchmarks(args.benchmarks, args.title, command, body, tag="compare_federated")
+        write_benchmarks(args.benchmarks, args.title, reproducing_command("compare_federated.py"), body,
+                         tag="compare_federated")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare_alignment import write_benchmarks
+from compare_alignment import reproducing_command, write_benchmarks
 
 RANKING, CTR = "merging-ranking-tiny", "merging-ctr-tiny"
 ADAMERGING = ["--method", "adamerging", "--steps", "100", "--lr", "1e-2"]
@@ -111,7 +111,7 @@ def main() -> None:
     print(body)
     if args.benchmarks:
         write_benchmarks(args.benchmarks, "Merging: ranking and like-prediction experts on one tiny base",
-                         "python scripts/compare_merging.py " + " ".join(sys.argv[1:]), body, tag="compare_merging")
+                         reproducing_command("compare_merging.py"), body, tag="compare_merging")
 
 
 if __name__ == "__main__":

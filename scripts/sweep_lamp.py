@@ -79,10 +79,10 @@ def main() -> None:
     print(body)
     if args.benchmarks:
         sys.path.insert(0, str(Path(__file__).parent))
-        from compare_alignment import write_benchmarks
+        from compare_alignment import reproducing_command, write_benchmarks
 
         write_benchmarks(args.benchmarks, f"LAMP: learning rate and rank (synthetic {args.task})",
-                         "python scripts/sweep_lamp.py " + shlex.join(sys.argv[1:]), body, tag="sweep_lamp")
+                         reproducing_command("sweep_lamp.py"), body, tag="sweep_lamp")
 
 
 if __name__ == "__main__":
