@@ -30,6 +30,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from llmrec.errors import LLMRecError
 from llmrec.logs import get_logger, setup_logging
@@ -230,6 +231,15 @@ def _federate(args: argparse.Namespace) -> None:
 def _recipe_command(args: argparse.Namespace) -> None:
     from llmrec.recipe import all_stage_fields, dump_yaml, dump_yaml_with_comments, field_descriptions, load_recipe
 
+    if args.recipe_command == "check" and _is_merge_recipe(args.recipe):
+        from llmrec.merging.recipe import load_merge_recipe
+
+        recipe, merge, _, _ = load_merge_recipe(args.recipe, args.overrides)
+        for source in recipe.inputs:  # input recipes are checked too; run directories are checked when merged
+            if Path(source.split("#")[0]).suffix in (".yaml", ".yml"):
+                load_recipe(source.split("#")[0])
+        print(f"{args.recipe}: ok (merge recipe: {merge.method} of {len(recipe.inputs)} inputs)")
+        return
     recipe = load_recipe(args.recipe, args.overrides, deep=getattr(args, "deep", False))
     if args.recipe_command == "check":
         trainers = ", ".join(stage.trainer for stage in recipe.stages) or "none"
@@ -242,6 +252,17 @@ def _recipe_command(args: argparse.Namespace) -> None:
     for index, stage in enumerate(resolved["stages"]):
         stage["args"] = all_stage_fields(recipe, index)
     print(dump_yaml_with_comments(resolved, field_descriptions(recipe)), end="")
+
+
+def _is_merge_recipe(path: str) -> bool:
+    """Whether `path` is a merge recipe (top-level `inputs` and `merge`) rather than a training recipe."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False  # load_recipe reports the problem with its place
+    return isinstance(raw, dict) and "inputs" in raw and "merge" in raw
 
 
 def _data_stats(args: argparse.Namespace) -> None:

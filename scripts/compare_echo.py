@@ -3,6 +3,8 @@
     python scripts/compare_echo.py --seeds 0 1 2 --benchmarks BENCHMARKS.md
     python scripts/compare_echo.py --seeds 0 1 2 3 4 5 6 7 --set data.reasoning.solution_order=any \
         --output runs/compare-echo-paths --title "..." --benchmarks BENCHMARKS.md
+    python scripts/compare_echo.py --echo-recipe recipes/echo/arithmetic-smollm2.yaml \
+        --ttrl-recipe recipes/ttrl/arithmetic-smollm2.yaml --seeds 0 --output runs/compare-echo-smollm2 --title "..."
 
 For each seed: the SFT stage of the ECHO recipe is run alone and evaluated (the "before" row); then each
 test-time RL recipe (flat TTRL, ECHO, and any --variant) starts from that same SFT model (its stage folder is copied
@@ -55,10 +57,11 @@ def _row(run: Path, seconds: float) -> dict:
 
 
 def run_seed(seed: int, methods: dict[str, tuple[str, list[str]]], output: Path, log: Path,
-             common: list[str] = ()) -> dict[str, dict]:
-    """The SFT model of `seed` and every method's test-time RL from it; `common` overrides apply to every run."""
+             common: list[str] = (), sft_source: str = METHODS["echo"]) -> dict[str, dict]:
+    """The SFT model of `seed` (stage 0 of `sft_source`) and every method's test-time RL from it; `common` overrides
+    apply to every run."""
     sft_name = f"sft-s{seed}"
-    raw = yaml.safe_load(Path(METHODS["echo"]).read_text())
+    raw = yaml.safe_load(Path(sft_source).read_text())
     raw["stages"] = raw["stages"][:1]
     raw["run"].update(name=sft_name, seed=seed, output_dir=str(output))
     sft_recipe = output / f"{sft_name}.yaml"
@@ -150,17 +153,22 @@ def main() -> None:
     parser.add_argument("--title", default="Test-time RL on the arithmetic world: flat TTRL vs ECHO")
     parser.add_argument("--set", dest="common", action="append", default=[], metavar="key=value",
                         help="an override for every run, the SFT model's too (e.g. data.reasoning.solution_order=any)")
+    parser.add_argument("--echo-recipe", default=METHODS["echo"], help="the ECHO recipe (stage 0: the SFT model)")
+    parser.add_argument("--ttrl-recipe", default=METHODS["ttrl"], help="the flat TTRL twin of the ECHO recipe")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
-    methods = {} if args.only_variants else {label: (recipe, []) for label, recipe in METHODS.items()}
+    recipes = {"echo": args.echo_recipe, "ttrl": args.ttrl_recipe}
+    methods = {label: (recipes[label], []) for label in ("ttrl", "echo")}
     for name, *overrides in args.variant:
         label, _, method = name.partition(":")
-        methods[label] = (METHODS[method or "echo"], overrides)
+        methods[label] = (recipes[method or "echo"], overrides)
+    if args.only_variants:
+        methods = {label: methods[label] for label in methods if label not in ("ttrl", "echo")}
     store = args.output / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     for seed in [] if args.table_only else args.seeds:
         earlier = results.get(str(seed), {})
-        fresh = run_seed(seed, methods, args.output, args.output / "log.txt", args.common)
+        fresh = run_seed(seed, methods, args.output, args.output / "log.txt", args.common, args.echo_recipe)
         for label, row in fresh.items():
             if "seconds" not in row and "seconds" in earlier.get(label, {}):
                 row["seconds"] = earlier[label]["seconds"]

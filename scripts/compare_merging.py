@@ -1,13 +1,27 @@
-"""Merging use case "multi-task": a next-item ranking expert and a like-prediction (Yes/No) expert on one tiny base,
-merged by each method, over several seeds.
+"""Merging use cases over several seeds: experts on one tiny base, merged by each method.
 
     python scripts/compare_merging.py --seeds 0 1 2 --benchmarks BENCHMARKS.md
+    python scripts/compare_merging.py --use-case multi-domain --seeds 0 1 2 --benchmarks BENCHMARKS.md
 
-For each seed: `recipes/merging/ranking-tiny.yaml`, then `recipes/merging/ctr-tiny.yaml` on that run's base, then
-`llmrec merge` of the two by every method in METHODS (each merged run is evaluated on both tasks). Results
-accumulate in <output>/results.json; the table gives each task's metric for the experts and every method (mean ±
-std over seeds), the normalised score (each task's merged metric over its expert's, above chance for AUC, averaged
-over the two tasks) and the merge's wall time.
+multi-task (the default): for each seed `recipes/merging/ranking-tiny.yaml`, then `recipes/merging/ctr-tiny.yaml`
+and the multi-task reference `recipes/merging/multitask-mtl-tiny.yaml` (one adapter on both datasets) on that run's
+base, then `llmrec merge` of the two experts by every method in METHODS (each merged run is evaluated on both tasks).
+The multi-task adapter is evaluated on the experts' endpoints as `llmrec merge MTL CTR RANKING --weights 1,0,0` (its
+exact ΔW). The table gives each task's metric for the experts, the multi-task adapter and every method, the
+normalised score (each task's merged metric over its expert's, above chance for AUC, averaged over the two tasks)
+and the merge's wall time.
+
+multi-domain: for each seed `recipes/merging/domains-base-tiny.yaml` (a short full fine-tuning on MovieLens-100K that
+teaches the tiny model the titles), then on its final model one LoRA expert per group of users by dominant genre
+(`recipes/merging/domain-{drama,comedy,action}-tiny.yaml`) and one adapter on all three groups
+(`domain-all-tiny.yaml`, the multi-domain training reference), then `llmrec merge` of the three experts by every
+method in DOMAIN_METHODS; every merged run is evaluated on each group's test users (its own data and catalog). The
+reference rows are merges too, so that they are evaluated on exactly the same rows: the base alone is the three
+experts at weight 0, and the all-groups adapter is `llmrec merge ALL DRAMA COMEDY ACTION --weights 1,0,0,0` (the
+all-groups adapter's exact ΔW, evaluated on the three groups' endpoints). The normalised score is the mean over
+groups of HR@10 / the group's expert's.
+
+Results accumulate in <output>/results.json (mean ± std over seeds in the table).
 """
 
 from __future__ import annotations
@@ -22,7 +36,8 @@ from pathlib import Path
 
 from compare_alignment import reproducing_command, write_benchmarks
 
-RANKING, CTR = "merging-ranking-tiny", "merging-ctr-tiny"
+RANKING, CTR, MTL = "merging-ranking-tiny", "merging-ctr-tiny", "merging-mtl-tiny"
+MTL_LABEL = "multi-task training (one adapter, both datasets)"
 ADAMERGING = ["--method", "adamerging", "--steps", "100", "--lr", "1e-2"]
 METHODS = {  # the merged run's folder: (the table's row, `llmrec merge` options)
     "ta-1": ("task arithmetic (λ = 1)", ["--method", "task_arithmetic"]),
@@ -36,6 +51,18 @@ METHODS = {  # the merged run's folder: (the table's row, `llmrec merge` options
 }
 COLUMNS = [("HR@10 (ranking)", "test/hr@10"), ("NDCG@10 (ranking)", "test/ndcg@10"),
            ("AUC (like)", f"endpoint/{CTR}/test/auc"), ("UAUC (like)", f"endpoint/{CTR}/test/uauc")]
+
+DOMAINS = ("drama", "comedy", "action")  # recipes/merging/domain-<name>-tiny.yaml; "action" holds action and thriller
+DOMAIN_BASE = "merging-domains-base-tiny"
+DOMAIN_METHODS = {
+    "ta-1": ("task arithmetic (λ = 1)", ["--method", "task_arithmetic"]),
+    "ta-third": ("task arithmetic (λ = 1/3)", ["--method", "task_arithmetic", "--weights", "0.333,0.333,0.333"]),
+    "ties": ("TIES (d = 0.3)", ["--method", "ties", "--density", "0.3"]),
+    "dare-ties": ("DARE-TIES (d = 0.3)", ["--method", "dare_ties", "--density", "0.3"]),
+    "ada-layer": ("AdaMerging, layer-wise", [*ADAMERGING, "--granularity", "layer"]),
+}
+DOMAIN_COLUMNS = [(f"HR@10 ({d})", f"{d}/hr@10") for d in DOMAINS] + [(f"NDCG@10 ({d})", f"{d}/ndcg@10")
+                                                                      for d in DOMAINS]
 
 
 def _llmrec(args: list[str], log: Path) -> float:
@@ -54,10 +81,20 @@ def run_seed(seed: int, output: Path) -> dict:
         _llmrec(["train", "recipes/merging/ranking-tiny.yaml", *common], log)
     if not (folder / CTR / "metrics.json").is_file():
         _llmrec(["train", "recipes/merging/ctr-tiny.yaml", *common, f"model.name={folder / RANKING / 'base'}"], log)
+    if not (folder / MTL / "metrics.json").is_file():
+        _llmrec(["train", "recipes/merging/multitask-mtl-tiny.yaml", *common,
+                 f"model.name={folder / RANKING / 'base'}"], log)
     ranking = json.loads((folder / RANKING / "metrics.json").read_text())
     like = json.loads((folder / CTR / "metrics.json").read_text())
     rows = {"experts": {"test/hr@10": ranking["test/hr@10"], "test/ndcg@10": ranking["test/ndcg@10"],
                         f"endpoint/{CTR}/test/auc": like["test/auc"], f"endpoint/{CTR}/test/uauc": like["test/uauc"]}}
+    # the multi-task adapter on the experts' endpoints: a merge that keeps its ΔW exactly and evaluates each task
+    if not (folder / "mtl" / "metrics.json").is_file():
+        _llmrec(["merge", str(folder / MTL), str(folder / CTR), str(folder / RANKING), "--method", "task_arithmetic",
+                 "--weights", "1,0,0", str(folder / "mtl")], log)
+    mtl = json.loads((folder / "mtl" / "metrics.json").read_text())
+    rows[MTL_LABEL] = {key: mtl[key if key.startswith("endpoint/") else f"endpoint/{RANKING}/{key}"]
+                       for _, key in COLUMNS}
     for key, (label, args) in METHODS.items():
         out = folder / key
         seconds = None
@@ -80,7 +117,7 @@ def _stat(values: list[float]) -> str:
 def table(results: dict) -> str:
     lines = ["| system | " + " | ".join(c for c, _ in COLUMNS) + " | normalised | merge time (s) |",
              "|---" + "|---:" * (len(COLUMNS) + 2) + "|"]
-    for label in ["experts", *(label for label, _ in METHODS.values())]:
+    for label in ["experts", MTL_LABEL, *(label for label, _ in METHODS.values())]:
         cells = [_stat([seed[label][key] for seed in results.values() if label in seed]) for _, key in COLUMNS]
         normalised = [statistics.mean([seed[label]["test/hr@10"] / seed["experts"]["test/hr@10"],
                                        (seed[label][COLUMNS[2][1]] - 0.5) / (seed["experts"][COLUMNS[2][1]] - 0.5)])
@@ -93,25 +130,99 @@ def table(results: dict) -> str:
                                "so 1 keeps both experts and 0 is chance on like prediction and no ranking.")
 
 
+def _domain(name: str) -> str:
+    return f"merging-domain-{name}-tiny"
+
+
+def _per_domain(metrics: dict, first: str) -> dict:
+    """{"<domain>/hr@10": ...} of a merged run whose first input is `first` (its own metrics are that input's data;
+    the other inputs' are under endpoint/<run>/)."""
+    return {f"{d}/{m}": metrics[f"test/{m}" if _domain(d) == first else f"endpoint/{_domain(d)}/test/{m}"]
+            for d in DOMAINS for m in ("hr@10", "ndcg@10")}
+
+
+def run_domains_seed(seed: int, output: Path) -> dict:
+    folder, log = output / f"domains-s{seed}", output / "log.txt"
+    common = [f"run.seed={seed}", f"run.output_dir={folder}"]
+    if not (folder / DOMAIN_BASE / "metrics.json").is_file():
+        _llmrec(["train", "recipes/merging/domains-base-tiny.yaml", *common], log)
+    for name in (*DOMAINS, "all"):
+        if not (folder / _domain(name) / "metrics.json").is_file():
+            _llmrec(["train", f"recipes/merging/domain-{name}-tiny.yaml", *common,
+                     f"model.name={folder / DOMAIN_BASE / 'final'}"], log)
+    experts = [str(folder / _domain(d)) for d in DOMAINS]
+    rows = {"experts": {}}
+    for d in DOMAINS:
+        own = json.loads((folder / _domain(d) / "metrics.json").read_text())
+        rows["experts"] |= {f"{d}/hr@10": own["test/hr@10"], f"{d}/ndcg@10": own["test/ndcg@10"]}
+    references = {  # merges that reproduce one model exactly, evaluated on the three groups
+        "base": ("base model, no adapter", [*experts, "--method", "task_arithmetic", "--weights", "0,0,0"],
+                 _domain(DOMAINS[0])),
+        "all-groups": ("one adapter trained on all groups", [str(folder / _domain("all")), *experts, "--method",
+                                                              "task_arithmetic", "--weights", "1,0,0,0"],
+                       _domain("all")),
+    }
+    merges = {key: (label, [*experts, *args], _domain(DOMAINS[0])) for key, (label, args) in DOMAIN_METHODS.items()}
+    for key, (label, args, first) in {**references, **merges}.items():
+        out = folder / key
+        seconds = None
+        if not (out / "metrics.json").is_file():
+            seconds = _llmrec(["merge", *args, "--seed", str(seed), str(out)], log)
+        rows[label] = _per_domain(json.loads((out / "metrics.json").read_text()), first)
+        if seconds and key in merges:
+            rows[label]["seconds"] = seconds
+        print(f"seed {seed} {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[label].items()), flush=True)
+    return rows
+
+
+def domains_table(results: dict) -> str:
+    labels = list(next(iter(results.values())))
+    lines = ["| system | " + " | ".join(c for c, _ in DOMAIN_COLUMNS) + " | normalised | merge time (s) |",
+             "|---" + "|---:" * (len(DOMAIN_COLUMNS) + 2) + "|"]
+    for label in labels:
+        cells = [_stat([seed[label][key] for seed in results.values() if label in seed]) for _, key in DOMAIN_COLUMNS]
+        normalised = [statistics.mean(seed[label][f"{d}/hr@10"] / seed["experts"][f"{d}/hr@10"] for d in DOMAINS)
+                      for seed in results.values() if label in seed and all(seed["experts"][f"{d}/hr@10"]
+                                                                             for d in DOMAINS)]
+        seconds = [seed[label]["seconds"] for seed in results.values() if seed.get(label, {}).get("seconds")]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_stat(normalised)} | "
+                     + (f"{statistics.mean(seconds):.0f}" if seconds else "–") + " |")
+    return "\n".join(lines) + (f"\n\nSeeds: {', '.join(results)}. Each group's 200 seeded test users, the whole "
+                               "catalog of that group's films ranked; the experts' row: each group's own expert; "
+                               "normalised: the mean over groups of HR@10 / the group expert's.")
+
+
+USE_CASES = {  # name: (one seed's rows, the table, BENCHMARKS title, default output)
+    "multi-task": (run_seed, table, "Merging: ranking and like-prediction experts on one tiny base",
+                   "runs/compare-merging"),
+    "multi-domain": (run_domains_seed, domains_table,
+                     "Merging: per-genre-group experts on MovieLens-100K, one tiny base",
+                     "runs/compare-merging-domains"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--use-case", choices=USE_CASES, default="multi-task")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--output", type=Path, default=Path("runs/compare-merging"))
+    parser.add_argument("--output", type=Path)
     parser.add_argument("--benchmarks", type=Path)
     args = parser.parse_args()
-    args.output.mkdir(parents=True, exist_ok=True)
-    store = args.output / "results.json"
+    run_one, make_table, title, default_output = USE_CASES[args.use_case]
+    output = args.output or Path(default_output)
+    output.mkdir(parents=True, exist_ok=True)
+    store = output / "results.json"
     results = json.loads(store.read_text()) if store.is_file() else {}
     for seed in args.seeds:
         earlier = results.get(str(seed), {})  # keeps the merge times of runs that are only reloaded now
-        fresh = run_seed(seed, args.output)
+        fresh = run_one(seed, output)
         results[str(seed)] = {label: {**earlier.get(label, {}), **row} for label, row in fresh.items()}
         store.write_text(json.dumps(results, indent=1))
-    body = table({str(s): results[str(s)] for s in args.seeds})
+    body = make_table({str(s): results[str(s)] for s in args.seeds})
     print(body)
     if args.benchmarks:
-        write_benchmarks(args.benchmarks, "Merging: ranking and like-prediction experts on one tiny base",
-                         reproducing_command("compare_merging.py"), body, tag="compare_merging")
+        write_benchmarks(args.benchmarks, title, reproducing_command("compare_merging.py"), body,
+                         tag="compare_merging")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,15 @@ def test_teacher_candidates_differ_and_merge_keeps_the_majority():
     assert format_output("r", "s") == " <think>r</think> s"
 
 
+def test_the_teachers_own_summary_states_every_net_word_without_sampling():
+    behaviours = [Behaviour("Which movie?", "A (comedy, drama)", "B (horror)"),
+                  Behaviour("Which movie?", "C (comedy)", "D (drama, war)")]
+    teacher = TemplateTeacher(dropout=0.9)
+    assert teacher.summary(None, behaviours) == "Likes comedy. Dislikes horror, war."  # drama nets to 0
+    assert teacher.summary("Likes western.", behaviours) == "Likes comedy, western. Dislikes horror, war."
+    assert teacher.summary(None, []) == "No clear preference."
+
+
 def _recipes(tmp_path):
     base = {
         "run": {"seed": 0, "output_dir": str(tmp_path / "runs")},
@@ -148,6 +157,8 @@ def test_sft_then_rl_chain_end_to_end(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test/no_summary"] == 0.5 and 0 <= metrics["test/model"] <= 1 and "test/oracle" in metrics
     assert "test/transfer/rule/model" in metrics
+    # the template teacher's own summaries: a baseline between no summary and the hidden persona
+    assert 0.5 < metrics["test/teacher"] <= metrics["test/oracle"] and "test/transfer/rule/teacher" in metrics
 
     result = run_cli("train", str(rl))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -267,6 +267,25 @@ def test_rating_threshold_and_an_empty_result():
     assert err.value.place == "data.filters.min_rating" and "(there were 3 before)" in str(err.value)
 
 
+def test_user_genres_keeps_the_users_of_a_dominant_genre():
+    catalog = pd.DataFrame({"item_id": ["a", "b", "c", "d", "e"], "title": list("ABCDE"),
+                            "class": ["Comedy Drama", "Comedy", "Drama", "Action Drama", "Western"]})
+    # u: comedy 2, drama 2 (tie -> comedy, first alphabetically); v: drama 3, action 1; w: action 1, drama 1
+    frame = _frame([("u", "a", 1, 5), ("u", "b", 2, 4), ("v", "c", 1, 5), ("v", "d", 2, 5), ("v", "a", 3, 2),
+                    ("w", "d", 1, 5)])
+    assert set(apply_filters(frame, FilterConfig(user_genres=["COMEDY"]), catalog).user_id) == {"u"}
+    assert set(apply_filters(frame, FilterConfig(user_genres=["action", "drama"]), catalog).user_id) == {"v", "w"}
+    # the dominant genre is read on the interactions the earlier filters kept
+    assert set(apply_filters(frame, FilterConfig(min_rating=4, user_genres=["drama"]), catalog).user_id) == {"v"}
+    with pytest.raises(LLMRecError) as err:
+        apply_filters(frame, FilterConfig(user_genres=["comdy"]), catalog)
+    assert err.value.place == "data.filters.user_genres" and "Did you mean 'comedy'" in str(err.value)
+    with pytest.raises(LLMRecError, match="has none of the columns"):
+        apply_filters(frame, FilterConfig(user_genres=["comedy"]), catalog.drop(columns="class"))
+    with pytest.raises(LLMRecError, match="no interactions are left"):
+        apply_filters(frame, FilterConfig(user_genres=["western"]), catalog)  # nobody watched the western
+
+
 def test_temporal_split_takes_each_users_latest_fraction():
     frame = _frame([("u", str(i), i, 5) for i in range(10)] + [("v", "x", 1, 5), ("v", "y", 2, 5)])
     split = split_interactions(frame, SplitConfig(method="temporal", test_fraction=0.2, valid_fraction=0.1))

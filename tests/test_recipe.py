@@ -181,6 +181,17 @@ def test_every_shipped_recipe_is_valid(path):
     assert recipe.stages, "every shipped recipe trains something"
 
 
+def test_recipe_check_reads_merge_recipes_and_their_inputs(tmp_path, capsys):
+    assert main(["recipe", "check", str(REPO / "recipes" / "merging" / "domains-tiny.yaml")]) == 0
+    assert "ok (merge recipe: ties of 3 inputs)" in capsys.readouterr().out
+    bad_input = tmp_path / "expert.yaml"
+    bad_input.write_text((REPO / "recipes" / "merging" / "domain-drama-tiny.yaml").read_text().replace("ks:", "kz:"))
+    merge = tmp_path / "merge.yaml"
+    merge.write_text(f"run: {{name: m}}\ninputs: [{bad_input}, {bad_input}]\nmerge: {{method: cat}}\n")
+    assert main(["recipe", "check", str(merge)]) == 2
+    assert "expert.yaml:47: eval.kz: unknown key 'kz'" in capsys.readouterr().err
+
+
 def test_stage_data_sections_are_validated_by_the_trainer(tmp_path):
     path = REPO / "recipes" / "causal_dpo" / "tiny.yaml"
     with pytest.raises(LLMRecError, match=r"stages\.1\.data\.negativs: unknown key.*Did you mean 'negatives'\?"):

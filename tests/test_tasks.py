@@ -155,6 +155,43 @@ def test_a_stage_that_asks_the_task_for_rows_it_lacks_is_refused(tmp_path, capsy
     assert "stages.0.trainer: trainer sft trains on the task's sft rows, which the preference_summary task" in err
 
 
+def test_an_sft_stage_mixes_the_rows_of_the_tasks_it_lists(tmp_path):
+    from llmrec.data import load_data
+    from llmrec.recipe import load_recipe
+    from llmrec.trainers import StageContext
+    from llmrec.trainers.sft import build_datasets
+
+    raw = small_recipe(tmp_path / "runs")
+    raw["data"]["ctr"] = {"history_length": 3}
+    raw["stages"][0]["data"] = {"tasks": ["ctr"]}
+    recipe = load_recipe(write_recipe(tmp_path / "mtl.yaml", raw))
+    data = load_data(recipe.data, 0)
+    context = StageContext(recipe, data, None, None, 0, True, data_config=recipe.stage_data(0))
+    train, valid = build_datasets(context)
+    ranking = get_task("ranking")(recipe).rows(data, "train", "sft")
+    like = get_task("ctr")(recipe).rows(data, "train", "sft")
+    assert len(train) == len(ranking) + len(like) and len(valid) == len(get_task("ranking")(recipe).rows(
+        data, "valid", "sft"))
+    answers = {" Yes", " No"}
+    assert sorted(train["completion"]) == sorted([*ranking["completion"], *like["completion"]])
+    first_half = list(train["completion"])[: len(train) // 2]  # shuffled together, not one task after the other
+    assert 0 < sum(c in answers for c in first_half) < len(first_half)
+
+
+@pytest.mark.parametrize(("tasks", "data", "message"), [
+    (["ranking"], {}, "stages.0.data.tasks: 'ranking' is the recipe's own task (eval.task)"),
+    (["ctr"], {}, "stages.0.data.tasks: the ctr rows need a data.ctr section"),
+    (["ctrr"], {}, "unknown task 'ctrr'"),
+    ([], {"ctr": {}}, "with data.ctr, the stages train on that task"),
+])
+def test_multi_task_rows_need_their_sections_and_other_tasks(tmp_path, capsys, tasks, data, message):
+    raw = small_recipe(tmp_path / "runs")
+    raw["data"].update(data)
+    raw["stages"][0]["data"] = {"tasks": tasks}
+    assert main(["recipe", "check", str(write_recipe(tmp_path / "r.yaml", raw))]) == 2
+    assert message in capsys.readouterr().err
+
+
 BUILT_IN = ["ranking", "ctr", "classification", "reasoning", "preference_summary", "instructions"]
 
 

@@ -53,8 +53,8 @@ def load_data(config: DataConfig, seed: int) -> RecData:
     """Load, check, filter and split; raises `LLMRecError` naming the file, column or recipe key at fault."""
     raw = config.source.load(seed)
     checked = RecData.from_raw(raw)
-    interactions = apply_filters(checked.interactions_frame, config.filters)
     catalog = checked.catalog_frame
+    interactions = apply_filters(checked.interactions_frame, config.filters, catalog)
     catalog = catalog[catalog["item_id"].isin(set(interactions["item_id"]))]
     kept, held = hold_out(interactions, config.shifts)
     interactions = pd.concat([split_interactions(kept, config.split), held]).sort_index(kind="stable")

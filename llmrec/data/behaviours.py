@@ -38,13 +38,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from llmrec.errors import LLMRecError
 from llmrec.logs import get_logger
 from llmrec.schema import Section
 
+from .filters import GENRE_COLUMNS, genre_words
 from .loaders import existing_file, iter_jsonl
 from .recdata import RecData
 
@@ -70,9 +70,6 @@ QUERY_TEMPLATES = (
     "Given the choice, which {domain} would this user prefer?",
 )
 RECDATA_QUERY = "Which movie would this user rather watch?"
-# Catalog columns that hold an item's genres, in order of preference (ML-1M: "genres"; RecBole ml-100k: "class";
-# the synthetic world: "genre").
-GENRE_COLUMNS = ("genres", "genre", "class", "categories", "category")
 SPLITS = ("train", "valid", "test")
 
 
@@ -295,10 +292,7 @@ def _option_texts(data: RecData) -> dict[str, str]:
 
 
 def _with_genres(title: str, genres: object) -> str:
-    # ML-1M separates genres with '|', RecBole token sequences with spaces
-    text = "" if pd.isna(genres) else str(genres)
-    separator = "|" if "|" in text else "," if "," in text else None
-    words = [word.strip().lower() for word in text.split(separator) if word.strip()]
+    words = genre_words(genres)
     return f"{title} ({', '.join(words)})" if words else title
 
 

@@ -1,12 +1,31 @@
-"""Interaction filters: a rating threshold for positives, k-core, and minimum interactions per user."""
+"""Interaction filters: a rating threshold for positives, k-core, minimum interactions per user, and the users of
+some genre groups.
+
+`user_genres` keeps the users whose dominant genre is listed: the catalog genre most frequent among the user's
+(filtered) interactions, an item with several genres counting once for each, ties going to the genre first in
+alphabetical order. It makes per-domain datasets out of one catalog (model merging's multi-domain experts: one
+adapter per genre group of ml-100k users, `recipes/merging/domains-tiny.yaml`). The genre column is the catalog's
+first of `GENRE_COLUMNS`; genre names compare case-insensitively.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
 from pydantic import Field
 
-from llmrec.errors import LLMRecError
+from llmrec.errors import LLMRecError, did_you_mean
 from llmrec.schema import Section
+
+# Catalog columns that hold an item's genres, in order of preference (ML-1M: "genres"; RecBole ml-100k: "class";
+# the synthetic world: "genre").
+GENRE_COLUMNS = ("genres", "genre", "class", "categories", "category")
+
+
+def genre_words(value: object) -> list[str]:
+    """An item's genres, lowercased: ML-1M separates them with '|', RecBole token sequences with spaces."""
+    text = "" if pd.isna(value) else str(value)
+    separator = "|" if "|" in text else "," if "," in text else None
+    return [word.strip().lower() for word in text.split(separator) if word.strip()]
 
 
 class FilterConfig(Section):
@@ -15,9 +34,14 @@ class FilterConfig(Section):
     min_rating: float | None = Field(None, description="Keep interactions rated at least this (the positives).")
     k_core: int | None = Field(None, ge=1, description="Repeatedly drop users and items with fewer interactions.")
     min_user_interactions: int = Field(0, ge=0, description="Then drop users with fewer interactions than this.")
+    user_genres: list[str] | None = Field(
+        None, min_length=1, description="Then keep only the users whose dominant genre (the catalog genre most "
+        "frequent among their interactions) is one of these, e.g. [comedy]: one domain of a multi-domain dataset."
+    )
 
 
-def apply_filters(frame: pd.DataFrame, config: FilterConfig) -> pd.DataFrame:
+def apply_filters(frame: pd.DataFrame, config: FilterConfig, catalog: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`frame` filtered by `config`; `catalog` (item_id and a genre column) is needed by `user_genres` only."""
     before = len(frame)
     if config.min_rating is not None:
         if "rating" not in frame.columns:
@@ -35,7 +59,36 @@ def apply_filters(frame: pd.DataFrame, config: FilterConfig) -> pd.DataFrame:
             frame, before, f"min_user_interactions={config.min_user_interactions}",
             "data.filters.min_user_interactions",
         )
+    if config.user_genres:
+        frame = frame[frame["user_id"].isin(users_of_genres(frame, catalog, config.user_genres))]
+        _require_rows(frame, before, f"user_genres={config.user_genres}", "data.filters.user_genres")
     return frame
+
+
+def dominant_genres(frame: pd.DataFrame, catalog: pd.DataFrame | None) -> pd.Series:
+    """user_id -> the user's dominant genre (lowercase; see the module docstring)."""
+    column = next((c for c in GENRE_COLUMNS if catalog is not None and c in catalog.columns), None)
+    if column is None:
+        raise LLMRecError(f"user_genres needs the catalog's genres, and the catalog has none of the columns "
+                          f"{', '.join(GENRE_COLUMNS)}. Remove the filter or use data with item genres.",
+                          "data.filters.user_genres")
+    genres = catalog.set_index("item_id")[column].map(genre_words).rename("genre")
+    exploded = frame[["user_id", "item_id"]].join(genres, on="item_id").explode("genre").dropna(subset=["genre"])
+    counts = exploded.groupby(["user_id", "genre"]).size().reset_index(name="count")
+    counts = counts.sort_values(["user_id", "count", "genre"], ascending=[True, False, True], kind="stable")
+    return counts.drop_duplicates("user_id").set_index("user_id")["genre"]
+
+
+def users_of_genres(frame: pd.DataFrame, catalog: pd.DataFrame | None, wanted: list[str]) -> set:
+    """The users of `frame` whose dominant genre is in `wanted` (an unknown genre is refused with the known ones)."""
+    dominant = dominant_genres(frame, catalog)
+    column = next(c for c in GENRE_COLUMNS if c in catalog.columns)
+    known = sorted({g for value in catalog[column] for g in genre_words(value)})
+    for name in wanted:
+        if name.lower() not in known:
+            raise LLMRecError(f"user_genres: no item has the genre {name!r}. The catalog's genres are "
+                              f"{', '.join(known)}.{did_you_mean(name.lower(), known)}", "data.filters.user_genres")
+    return set(dominant.index[dominant.isin({name.lower() for name in wanted})])
 
 
 def k_core(frame: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -230,12 +230,20 @@ class TemplateTeacher(Teacher):
         for _ in range(count):
             threshold = int(rng.integers(1, 3))
             keep = [w for w in ranked if abs(counts[w]) >= threshold and rng.random() >= self.dropout]
-            liked = [w for w in keep if counts[w] > 0][:4]
-            disliked = [w for w in keep if counts[w] < 0][:4]
             reasoning = (("Net choices: " + ", ".join(f"{w} {counts[w]:+g}" for w in keep[:6])) if keep
                          else "Too little evidence.")
-            outputs.append(format_output(reasoning, likes_and_dislikes(liked, disliked)))
+            outputs.append(format_output(reasoning, self._statement(counts, keep)))
         return outputs
+
+    def summary(self, past_summary: str | None, behaviours: list[Behaviour]) -> str:
+        """The teacher's summary without sampling (threshold 1, nothing dropped): a baseline for trained models."""
+        counts = self.evidence(past_summary, behaviours)
+        return self._statement(counts, sorted((w for w in counts if counts[w]), key=lambda w: (-abs(counts[w]), w)))
+
+    @staticmethod
+    def _statement(counts: Counter, keep: list[str]) -> str:
+        """"Likes ... Dislikes ..." with the first four kept words of each sign."""
+        return likes_and_dislikes([w for w in keep if counts[w] > 0][:4], [w for w in keep if counts[w] < 0][:4])
 
     def merge(self, summaries: list[str]) -> str:
         """The words stated by at least half of the summaries."""

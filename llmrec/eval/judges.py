@@ -354,10 +354,15 @@ def _error_body(err: urllib.error.HTTPError) -> str:
 
 
 def load_judge_model(name: str):
-    """(model, tokenizer) of a local folder or Hub id, on the GPU when there is one."""
+    """(model, tokenizer) of a packaged model (`smollm2-135m-instruct`), a local folder or a Hub id, on the GPU when
+    there is one."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llmrec.models.packaged import is_packaged, packaged_folder
+
+    if is_packaged(name):
+        name = str(packaged_folder(name))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype="auto")

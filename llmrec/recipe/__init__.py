@@ -417,9 +417,12 @@ def recipe_needs(recipe: Recipe) -> list[tuple[tuple, str]]:
                           f"of its own (see llmrec.tasks.{task.name})."))
     needs += task.needs()
     sections = [getattr(recipe, key) for key in SECTIONS if getattr(recipe, key) is not None]
+    # tasks whose rows an sft stage mixes in (multi-task training) may have their sections beside the recipe's task
+    mixed = {name for stage in recipe.stages if isinstance(stage.data, dict) for name in stage.data.get("tasks") or []}
     if not any(getattr(section, "deals_out_rows", False) for section in sections):
         for other in registered_tasks():
-            if other.name != task.name and other.section and getattr(recipe.data, other.section) is not None:
+            if (other.name != task.name and other.name not in mixed and other.section
+                    and getattr(recipe.data, other.section) is not None):
                 needs.append((("eval", "task"), f"with data.{other.section}, {other.section_trains}; evaluate it with "
                               f"eval.task: {other.name} (or remove data.{other.section})."))
     for section in sections:

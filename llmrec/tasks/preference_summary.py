@@ -33,8 +33,11 @@ with `data.summaries.ood`, each out-of-domain user) the model writes a summary f
 * `model`: the model's part-1 summary (an output without exactly one think block and a summary counts as no
   summary; `format_ok` is the share of well-formed outputs);
 * `streaming`: the model's update of that summary with part 2's behaviours (past summary -> new summary);
+* `teacher`: with the template teacher (`data.summaries.teacher.kind: template`), its own summary of part 1 without
+  sampling (`TemplateTeacher.summary`): what the trained model would write if it reproduced its teacher exactly;
 * `oracle`: synthetic personas only, the description of the hidden preferences (a ceiling for this judge);
-* `transfer/<judge>/no_summary|model`: with `data.summaries.transfer_judge`, the same summaries read by that judge.
+* `transfer/<judge>/no_summary|model|teacher`: with `data.summaries.transfer_judge`, the same summaries read by that
+  judge.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from llmrec.eval.judges import CompletionsClient, JudgeQuestion, load_judge_mode
 from . import Task
 
 POPULATIONS = ("test", "valid", "train", "ood")
-KINDS = ("no_summary", "model", "streaming", "oracle")
+KINDS = ("no_summary", "model", "streaming", "teacher", "oracle")
 
 
 class PreferenceSummaryTask(Task):
@@ -125,10 +128,16 @@ preferences that any judge model can read."""
             if all(u.preferences for u in users) and users:
                 oracle = [describe_persona(u.preferences) for u in users]
                 metrics[prefix + "oracle"] = judge_accuracy(judge, oracle, parts)
+            teacher = ([TemplateTeacher().summary(None, p[0]) for p in parts] if config.teacher.kind == "template"
+                       else None)
+            if teacher is not None:
+                metrics[prefix + "teacher"] = judge_accuracy(judge, teacher, parts)
             if transfer is not None:
                 read_by = f"{prefix}transfer/{transfer.name}/"
                 metrics[read_by + "no_summary"] = judge_accuracy(transfer, [""] * len(users), parts)
                 metrics[read_by + "model"] = judge_accuracy(transfer, summaries, parts)
+                if teacher is not None:
+                    metrics[read_by + "teacher"] = judge_accuracy(transfer, teacher, parts)
             predictions += [{"population": name, "user_id": u.user_id, "output": o, "summary": s, "update": up}
                             for u, o, s, up in zip(users, first, summaries, updated)]
         return metrics, predictions
@@ -136,7 +145,7 @@ preferences that any judge model can read."""
     # --- reports -------------------------------------------------------------------------------------------------
 
     def summary(self, metrics: dict, splits: list[str]) -> str:
-        columns = ("no_summary", "model", "streaming", "oracle", "format_ok")
+        columns = (*KINDS, "format_ok")
         out = []
         for population in [*splits, "ood"]:
             if f"{population}/model" not in metrics:
