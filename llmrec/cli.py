@@ -13,6 +13,8 @@
                  [--granularity task|layer --steps N] [--surgery-steps N] OUT
     llmrec merge MERGE_RECIPE [key=value ...]                 the same from a recipe (recipes/merging/*.yaml)
                                                                LoRA runs on one base merged into a new run
+    llmrec serve RUN_DIR [RUN_DIR ...] [--host H] [--port N] [--gpu-memory-utilization F] [--dry-run] [-- VLLM_ARGS]
+                                                               vLLM's OpenAI server with each run's adapter
     llmrec recipe check|show RECIPE [key=value ...] [--all]    validate, or print the resolved recipe
     llmrec data stats RECIPE [key=value ...]                   counts per split and an example row
 
@@ -127,6 +129,14 @@ def _parser() -> argparse.ArgumentParser:
                        "(each input a different task or data) for this many steps")
     merge.add_argument("--surgery-rank", type=int, default=16, help="the Surgery modules' bottleneck width")
 
+    serve = commands.add_parser("serve", help="vLLM's OpenAI-compatible server with the runs' adapters (multi-LoRA)")
+    serve.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished runs on one base model")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--gpu-memory-utilization", type=float, dest="memory_share",
+                       help="vLLM's memory share (default: vLLM's on a GPU; 0.25 of the RAM on the CPU build)")
+    serve.add_argument("--dry-run", action="store_true", help="print the vLLM command and the adapters; start nothing")
+
     recipe = commands.add_parser("recipe", help="check or print a recipe")
     recipe_commands = _Commands(recipe.add_subparsers(dest="recipe_command", required=True))
     for name, text in (("check", "validate without running"), ("show", "print the resolved recipe with defaults")):
@@ -150,7 +160,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = argv[argv.index("--") + 1:] if "--" in argv else []  # `llmrec serve ... -- VLLM_ARGS`
+    args, extra = parser.parse_known_args(argv[:len(argv) - len(passed_on) - (1 if "--" in argv else 0)])
+    if passed_on and args.command != "serve":
+        parser.error("arguments after -- are passed to vLLM by `llmrec serve` only")
+    args.passed_on = passed_on
     if extra and args.command == "merge" and not any(e.startswith("-") for e in extra):
         args.paths += extra  # argparse takes one run of positionals; OUT may follow the options
     elif extra:
@@ -203,6 +218,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         _export(args)
     elif args.command == "merge":
         _merge(args)
+    elif args.command == "serve":
+        _serve(args)
     elif args.command == "push":
         from llmrec.publish.push import push
 
@@ -353,6 +370,20 @@ def _merge(args: argparse.Namespace) -> None:
     surgery = (SurgeryConfig(rank=args.surgery_rank, steps=args.surgery_steps, seed=args.seed)
                if args.surgery_steps else None)
     print(merge_runs(runs, out, config, adamerging, surgery))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import shlex
+
+    from llmrec.serve import plan_serving, serve
+
+    plan = plan_serving(args.run_dirs, args.host, args.port, args.memory_share, args.passed_on)
+    if args.dry_run:
+        for name, folder in plan.adapters.items():
+            print(f"adapter {name}: {folder}")
+        print(shlex.join(plan.command()))
+        return
+    serve(plan)
 
 
 def _export(args: argparse.Namespace) -> None:

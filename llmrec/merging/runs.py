@@ -83,7 +83,7 @@ def _inputs(run_dirs: list[str | Path], workdir: Path):
     return inputs
 
 
-def _base_identity(run, recipe) -> tuple:
+def base_identity(run, recipe) -> tuple:
     """What makes two runs' bases the same: the Hub id and revision, or the weights and tokenizer of a built or
     local base."""
     from llmrec.models.tiny import is_tiny
@@ -98,10 +98,10 @@ def _base_identity(run, recipe) -> tuple:
 
 def _check_compatible(inputs) -> None:
     (first, first_recipe, first_adapter, _), rest = inputs[0], inputs[1:]
-    base = _base_identity(first, first_recipe)
+    base = base_identity(first, first_recipe)
     targets = sorted(read_json(first_adapter / "adapter_config.json")["target_modules"])
     for run, recipe, adapter, _ in rest:
-        if _base_identity(run, recipe) != base:
+        if base_identity(run, recipe) != base:
             raise LLMRecError(f"its base model ({recipe.model.name!r}) differs from the first run's "
                               f"({first_recipe.model.name!r}) in weights or tokenizer (a tiny base is built from the "
                               "run's data and seed; train the second run with the first run's base/ folder as "

@@ -37,7 +37,8 @@ from llmrec.logs import get_logger
 
 logger = get_logger(__name__)
 
-VLLM_LORA_RANKS = (16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices at or above its default (16)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices (vllm/config/lora.py)
+
 
 
 def _finished_run(run_dir: str | Path, out: str | Path):

