@@ -190,9 +190,7 @@ def main() -> None:
     body = table(merged, splits)
     print("\n" + body)
     if args.benchmarks:
-        command = " ".join(["python scripts/compare_alignment.py", args.recipe, "--seeds", *map(str, args.seeds),
-                            "--title", json.dumps(args.title), *[f"--set {o}" for o in args.overrides]])
-        write_benchmarks(args.benchmarks, args.title, command, body)
+        write_benchmarks(args.benchmarks, args.title, reproducing_command("compare_alignment.py"), body)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from compare_alignment import write_benchmarks
+from compare_alignment import reproducing_command, write_benchmarks
 
 from llmrec.recipe import load_recipe
 
@@ -97,9 +97,7 @@ def main() -> None:
     body = table(results)
     print("\n" + body)
     if args.benchmarks:
-        command = " ".join(["python scripts/compare_cora.py", args.recipe, "--seeds", *map(str, args.seeds),
-                            "--title", json.dumps(args.title), *[f"--set {o}" for o in args.overrides]])
-        write_benchmarks(args.benchmarks, args.title, command, body, tag="compare_cora")
+        write_benchmarks(args.benchmarks, args.title, reproducing_command("compare_cora.py"), body, tag="compare_cora")
 
 
 if __name__ == "__main__":

@@ -223,7 +223,8 @@ class Recipe(Section):
         resolved = self.model_dump(mode="json")
         for index, stage in enumerate(resolved["stages"]):
             data = self.stage_data(index)
-            if data is None:
+            # an optional section at its defaults stays out, so recipes written before it existed resolve the same
+            if data is None or (getattr(data, "omitted_when_default", False) and data == type(data)()):
                 del stage["data"]
             else:
                 stage["data"] = data.model_dump(mode="json")

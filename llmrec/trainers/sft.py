@@ -17,6 +17,8 @@ datasets instead of two merged experts.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from datasets import concatenate_datasets
 from pydantic import Field, field_validator
 from trl import SFTConfig, SFTTrainer
@@ -31,7 +33,9 @@ logger = get_logger(__name__)
 
 
 class SFTStageData(Section):
-    """`stages[i].data` of `trainer: sft`."""
+    """`stages[i].data` of `trainer: sft` (optional: left out of the resolved recipe while it lists no task)."""
+
+    omitted_when_default: ClassVar[bool] = True
 
     tasks: list[str] = Field(
         default_factory=list, description="Other tasks whose training rows join the recipe's task's rows, shuffled "
