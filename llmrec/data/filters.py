@@ -65,29 +65,24 @@ def apply_filters(frame: pd.DataFrame, config: FilterConfig, catalog: pd.DataFra
     return frame
 
 
-def dominant_genres(frame: pd.DataFrame, catalog: pd.DataFrame | None) -> pd.Series:
-    """user_id -> the user's dominant genre (lowercase; see the module docstring)."""
+def users_of_genres(frame: pd.DataFrame, catalog: pd.DataFrame | None, wanted: list[str]) -> set:
+    """The users of `frame` whose dominant genre (see the module docstring) is in `wanted`; an unknown genre is
+    refused with the known ones."""
     column = next((c for c in GENRE_COLUMNS if catalog is not None and c in catalog.columns), None)
     if column is None:
         raise LLMRecError(f"user_genres needs the catalog's genres, and the catalog has none of the columns "
                           f"{', '.join(GENRE_COLUMNS)}. Remove the filter or use data with item genres.",
                           "data.filters.user_genres")
     genres = catalog.set_index("item_id")[column].map(genre_words).rename("genre")
-    exploded = frame[["user_id", "item_id"]].join(genres, on="item_id").explode("genre").dropna(subset=["genre"])
-    counts = exploded.groupby(["user_id", "genre"]).size().reset_index(name="count")
-    counts = counts.sort_values(["user_id", "count", "genre"], ascending=[True, False, True], kind="stable")
-    return counts.drop_duplicates("user_id").set_index("user_id")["genre"]
-
-
-def users_of_genres(frame: pd.DataFrame, catalog: pd.DataFrame | None, wanted: list[str]) -> set:
-    """The users of `frame` whose dominant genre is in `wanted` (an unknown genre is refused with the known ones)."""
-    dominant = dominant_genres(frame, catalog)
-    column = next(c for c in GENRE_COLUMNS if c in catalog.columns)
-    known = sorted({g for value in catalog[column] for g in genre_words(value)})
+    known = sorted({g for words in genres for g in words})
     for name in wanted:
         if name.lower() not in known:
             raise LLMRecError(f"user_genres: no item has the genre {name!r}. The catalog's genres are "
                               f"{', '.join(known)}.{did_you_mean(name.lower(), known)}", "data.filters.user_genres")
+    exploded = frame[["user_id", "item_id"]].join(genres, on="item_id").explode("genre").dropna(subset=["genre"])
+    counts = exploded.groupby(["user_id", "genre"]).size().reset_index(name="count")
+    counts = counts.sort_values(["user_id", "count", "genre"], ascending=[True, False, True], kind="stable")
+    dominant = counts.drop_duplicates("user_id").set_index("user_id")["genre"]
     return set(dominant.index[dominant.isin({name.lower() for name in wanted})])
 
 

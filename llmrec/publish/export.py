@@ -40,7 +40,6 @@ logger = get_logger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's --max-lora-rank choices (vllm/config/lora.py)
 
 
-
 def _finished_run(run_dir: str | Path, out: str | Path):
     from llmrec.hub import local_run_dir
     from llmrec.recipe import load_recipe

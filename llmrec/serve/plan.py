@@ -73,9 +73,8 @@ def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int 
         run = RunDir(local_run_dir(source))
         run.require(final=True)
         recipe = load_recipe(run.recipe_file, instantiate=False)
-        method = "lora (federated)" if recipe.federated is not None else recipe.adapter.method
-        if method in NOT_SERVED:
-            raise LLMRecError(f"{NOT_SERVED[method]}.", source)
+        if recipe.federated is None and recipe.adapter.method in NOT_SERVED:  # a federated run's global is LoRA
+            raise LLMRecError(f"{NOT_SERVED[recipe.adapter.method]}.", source)
         name = module_name(recipe.run.name if is_hub_ref(source) else run.path.name)
         if name in adapters:
             raise LLMRecError(f"two runs would be served as {name!r}; serve runs with different folder names.", source)
@@ -88,7 +87,8 @@ def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int 
                               "one `llmrec serve` per base.", source)
         adapters[name] = _exported(run, recipe, source)
     folders = list(adapters.values())
-    base = read_json(folders[0] / "adapter_config.json")["base_model_name_or_path"]
+    first_config = read_json(folders[0] / "adapter_config.json")
+    base = first_config["base_model_name_or_path"]
     _check_tokens(folders, base)
     ranks = {source: _rank(folder) for source, folder in zip(map(str, run_dirs), folders)}
     source, rank = max(ranks.items(), key=lambda item: item[1])
@@ -98,10 +98,9 @@ def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int 
                           f"({VLLM_LORA_RANKS[-1]}); train a lower rank to serve it.", source)
     if memory_share is None and not torch.cuda.is_available():
         memory_share = CPU_MEMORY_SHARE
-    recipe = first[1]
-    return ServePlan(base=base, base_name=recipe.model.name, adapters=adapters, max_lora_rank=supported, host=host,
-                     port=port, revision=read_json(folders[0] / "adapter_config.json").get("revision"),
-                     memory_share=memory_share, extra=list(extra or []))
+    return ServePlan(base=base, base_name=first[1].model.name, adapters=adapters, max_lora_rank=supported, host=host,
+                     port=port, revision=first_config.get("revision"), memory_share=memory_share,
+                     extra=list(extra or []))
 
 
 def serve(plan: ServePlan) -> None:
