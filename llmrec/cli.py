@@ -381,7 +381,10 @@ def _serve(args: argparse.Namespace) -> None:
     if args.dry_run:
         for name, folder in plan.adapters.items():
             print(f"adapter {name}: {folder}")
-        print(shlex.join(plan.command()))
+        for name, spec in plan.per_user.items():
+            print(f"per-user adapters {name}@<user>: {spec['run']} (exported on first request into {spec['cache']})")
+        environment = [f"{key}={shlex.quote(value)}" for key, value in plan.environment().items()]
+        print(shlex.join(plan.command()) if not environment else " ".join([*environment, shlex.join(plan.command())]))
         return
     serve(plan)
 

@@ -184,6 +184,8 @@ def _base_source(recipe: Recipe, run: RunDir) -> str:
 
 
 def _run_stage(recipe: Recipe, run: RunDir, data: RecData, model, tokenizer, index: int, state, model_source: str):
+    from llmrec.rollout.grpo import release_engine
+
     spec = get_stage(recipe.stages[index].trainer, f"stages.{index}.trainer")
     stage_dir = run.stage_dir(recipe, index)
     config = recipe.stage_config(index, stage_dir)
@@ -220,6 +222,7 @@ def _run_stage(recipe: Recipe, run: RunDir, data: RecData, model, tokenizer, ind
     if resume is not None:
         logger.info(f"Resuming stage {index} from {resume}.")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    release_engine(trainer)
     if is_peft_model(trainer.model) and "ref" in trainer.model.peft_config:
         trainer.model.delete_adapter("ref")  # TRL's frozen reference copy; the stage's result is the policy alone
 

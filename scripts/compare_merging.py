@@ -2,6 +2,7 @@
 
     python scripts/compare_merging.py --seeds 0 1 2 --benchmarks BENCHMARKS.md
     python scripts/compare_merging.py --use-case multi-domain --seeds 0 1 2 --benchmarks BENCHMARKS.md
+    python scripts/compare_merging.py --use-case federated --seeds 0 1 2 --benchmarks BENCHMARKS.md
 
 multi-task (the default): for each seed `recipes/merging/ranking-tiny.yaml`, then `recipes/merging/ctr-tiny.yaml`
 and the multi-task reference `recipes/merging/multitask-mtl-tiny.yaml` (one adapter on both datasets) on that run's
@@ -20,6 +21,12 @@ reference rows are merges too, so that they are evaluated on exactly the same ro
 experts at weight 0, and the all-groups adapter is `llmrec merge ALL DRAMA COMEDY ACTION --weights 1,0,0,0` (the
 all-groups adapter's exact ΔW, evaluated on the three groups' endpoints). The normalised score is the mean over
 groups of HR@10 / the group's expert's.
+
+federated: for each seed the federated tiny base (`recipes/fedlora/pretrain-tiny.yaml`), then FedSA
+(`recipes/fedlora/fedsa-tiny.yaml`: A shared, each client's B personal), then `llmrec merge` of the four clients'
+personal adapters (`RUN#client=K`) by every static method in FEDERATED_METHODS, with no client data: AdaMerging is
+left out because it reads the test prompts. Every merged run is evaluated on the pooled test rows of all clients, as
+the federation's global adapter is; the personal adapters' row is each client's adapter on its own client's rows.
 
 Results accumulate in <output>/results.json (mean ± std over seeds in the table).
 """
@@ -194,12 +201,66 @@ def domains_table(results: dict) -> str:
                                "mean over groups of HR@10 / the group expert's.")
 
 
+FEDSA, FED_BASE = "fedsa-tiny", "fedlora-pretrain-tiny"
+FEDERATED_METHODS = {
+    "ta-quarter": ("task arithmetic (λ = 1/4, the clients' mean)", ["--method", "task_arithmetic", "--weights",
+                                                                    "0.25,0.25,0.25,0.25"]),
+    "ta-1": ("task arithmetic (λ = 1)", ["--method", "task_arithmetic"]),
+    "ties": ("TIES (d = 0.5)", ["--method", "ties", "--density", "0.5"]),
+    "dare-ties": ("DARE-TIES (d = 0.5)", ["--method", "dare_ties", "--density", "0.5"]),
+}
+FEDERATED_COLUMNS = [("exact match", "exact_match"), ("ROUGE-L", "rouge_l"), ("loss", "loss")]
+
+
+def run_federated_seed(seed: int, output: Path) -> dict:
+    folder, log = output / f"federated-s{seed}", output / "log.txt"
+    common = [f"run.seed={seed}", f"run.output_dir={folder}"]
+    if not (folder / FED_BASE / "metrics.json").is_file():
+        _llmrec(["train", "recipes/fedlora/pretrain-tiny.yaml", *common], log)
+    if not (folder / FEDSA / "metrics.json").is_file():
+        _llmrec(["federate", "recipes/fedlora/fedsa-tiny.yaml", *common, f"model.name={folder / FED_BASE / 'final'}"],
+                log)
+    federated = json.loads((folder / FEDSA / "metrics.json").read_text())
+    rows = {label: {key: federated[f"{prefix}_{key}"] for _, key in FEDERATED_COLUMNS}
+            for label, prefix in (("FedSA global adapter (shared A, B at 0: the base model)", "test/global"),
+                                  ("each client's personal adapter, on its own rows", "test/local"))}
+    clients = [f"{folder / FEDSA}#client={k}" for k in range(federated["federated/clients"])]
+    for key, (label, args) in FEDERATED_METHODS.items():
+        out = folder / key
+        seconds = None
+        if not (out / "metrics.json").is_file():
+            seconds = _llmrec(["merge", *clients, *args, "--seed", str(seed), str(out)], log)
+        metrics = json.loads((out / "metrics.json").read_text())
+        rows[label] = {k: metrics[f"test/{k}"] for _, k in FEDERATED_COLUMNS} | ({"seconds": seconds} if seconds
+                                                                                  else {})
+        print(f"seed {seed} {label}: " + ", ".join(f"{k} {rows[label][k]:.4f}" for _, k in FEDERATED_COLUMNS),
+              flush=True)
+    return rows
+
+
+def federated_table(results: dict) -> str:
+    labels = list(next(iter(results.values())))
+    lines = ["| system | " + " | ".join(c for c, _ in FEDERATED_COLUMNS) + " | merge time (s) |",
+             "|---" + "|---:" * (len(FEDERATED_COLUMNS) + 1) + "|"]
+    for label in labels:
+        cells = [_stat([seed[label][key] for seed in results.values() if label in seed])
+                 for _, key in FEDERATED_COLUMNS]
+        seconds = [seed[label]["seconds"] for seed in results.values() if seed.get(label, {}).get("seconds")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | "
+                     + (f"{statistics.mean(seconds):.0f}" if seconds else "–") + " |")
+    return "\n".join(lines) + (f"\n\nSeeds: {', '.join(results)}. FedSA, 4 clients, 3 rounds; every row but the "
+                               "personal adapters' is scored on the pooled test rows of all clients (240); merges "
+                               "use no client data.")
+
+
 USE_CASES = {  # name: (one seed's rows, the table, BENCHMARKS title, default output)
     "multi-task": (run_seed, table, "Merging: ranking and like-prediction experts on one tiny base",
                    "runs/compare-merging"),
     "multi-domain": (run_domains_seed, domains_table,
                      "Merging: per-genre-group experts on MovieLens-100K, one tiny base",
                      "runs/compare-merging-domains"),
+    "federated": (run_federated_seed, federated_table, "Merging: a federated run's personal adapters into one",
+                  "runs/compare-merging-federated"),
 }
 
 

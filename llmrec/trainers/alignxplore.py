@@ -36,7 +36,7 @@ from llmrec.eval.judges import JudgeQuestion, build_judge
 from llmrec.files import write_text
 from llmrec.logs import get_logger
 from llmrec.rollout import SamplingConfig, TreeConfig
-from llmrec.rollout.grpo import generation_backend, share_groups
+from llmrec.rollout.grpo import generation_backend, share_groups, use_cpu_weight_sync
 from llmrec.tasks.preference_summary import build_teacher, synthesise
 
 from . import StageContext, StageSpec
@@ -150,6 +150,7 @@ class AlignXploreTrainer(GRPOTrainer):
         self.judge = judge
         super().__init__(model, reward_funcs or [precomputed_reward], args,
                          rollout_func=lambda prompts, trainer: trainer.summary_rollout(prompts), **kwargs)
+        use_cpu_weight_sync(self)
         self._rows: list[dict] = []
         self._advantages: list[float] = []
 

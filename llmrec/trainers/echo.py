@@ -43,7 +43,7 @@ from llmrec.answers import extract_answer, majority_vote
 from llmrec.errors import LLMRecError
 from llmrec.logs import get_logger
 from llmrec.rollout import SamplingConfig, TreeConfig
-from llmrec.rollout.grpo import generation_backend, share_groups
+from llmrec.rollout.grpo import generation_backend, share_groups, use_cpu_weight_sync
 
 from . import StageContext, StageSpec
 
@@ -189,6 +189,7 @@ class ECHOTrainer(GRPOTrainer):
         if args is None or not isinstance(args, ECHOConfig):
             raise LLMRecError("ECHOTrainer needs an ECHOConfig.")
         super().__init__(model, reward_funcs or [majority_vote_reward], args, rollout_func=_rollout, **kwargs)
+        use_cpu_weight_sync(self)
         self._signals: list[tuple[list[float], list[float]]] = []
         self._labels: list[str | None] | None = None
 
