@@ -81,6 +81,14 @@ def _llmrec(args: list[str], log: Path) -> float:
     return time.time() - started
 
 
+def _merged(out: Path, args: list[str], seed: int, log: Path) -> tuple[dict, float | None]:
+    """`llmrec merge ARGS OUT` unless OUT has its metrics already; (its metrics, the merge's wall time or None)."""
+    seconds = None
+    if not (out / "metrics.json").is_file():
+        seconds = _llmrec(["merge", *args, "--seed", str(seed), str(out)], log)
+    return json.loads((out / "metrics.json").read_text()), seconds
+
+
 def run_seed(seed: int, output: Path) -> dict:
     folder, log = output / f"s{seed}", output / "log.txt"
     common = [f"run.seed={seed}", f"run.output_dir={folder}"]
@@ -103,12 +111,7 @@ def run_seed(seed: int, output: Path) -> dict:
     rows[MTL_LABEL] = {key: mtl[key if key.startswith("endpoint/") else f"endpoint/{RANKING}/{key}"]
                        for _, key in COLUMNS}
     for key, (label, args) in METHODS.items():
-        out = folder / key
-        seconds = None
-        if not (out / "metrics.json").is_file():
-            seconds = _llmrec(["merge", str(folder / RANKING), str(folder / CTR), *args, "--seed", str(seed),
-                               str(out)], log)
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics, seconds = _merged(folder / key, [str(folder / RANKING), str(folder / CTR), *args], seed, log)
         rows[label] = {key: metrics.get(key) for _, key in COLUMNS} | ({"seconds": seconds} if seconds else {})
         print(f"seed {seed} {label}: " + ", ".join(f"{k} {rows[label][k]:.4f}" for _, k in COLUMNS), flush=True)
     return rows
@@ -121,20 +124,32 @@ def _stat(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.4f}"
 
 
-def table(results: dict) -> str:
-    lines = ["| system | " + " | ".join(c for c, _ in COLUMNS) + " | normalised | merge time (s) |",
-             "|---" + "|---:" * (len(COLUMNS) + 2) + "|"]
-    for label in ["experts", MTL_LABEL, *(label for label, _ in METHODS.values())]:
-        cells = [_stat([seed[label][key] for seed in results.values() if label in seed]) for _, key in COLUMNS]
-        normalised = [statistics.mean([seed[label]["test/hr@10"] / seed["experts"]["test/hr@10"],
-                                       (seed[label][COLUMNS[2][1]] - 0.5) / (seed["experts"][COLUMNS[2][1]] - 0.5)])
-                      for seed in results.values() if label in seed]
+def _table(results: dict, labels: list[str], columns: list[tuple[str, str]], normalise=None) -> str:
+    """Mean ± std over seeds of each row's `columns`, the `normalise(seed_rows, label)` score (None: skip that seed)
+    when given, and the mean merge time."""
+    lines = ["| system | " + " | ".join(c for c, _ in columns) + (" | normalised" if normalise else "")
+             + " | merge time (s) |", "|---" + "|---:" * (len(columns) + (2 if normalise else 1)) + "|"]
+    for label in labels:
+        cells = [_stat([seed[label][key] for seed in results.values() if label in seed]) for _, key in columns]
+        if normalise:
+            scores = [normalise(seed, label) for seed in results.values() if label in seed]
+            cells.append(_stat([score for score in scores if score is not None]))
         seconds = [seed[label]["seconds"] for seed in results.values() if seed.get(label, {}).get("seconds")]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_stat(normalised)} | "
+        lines.append(f"| {label} | " + " | ".join(cells) + " | "
                      + (f"{statistics.mean(seconds):.0f}" if seconds else "–") + " |")
-    return "\n".join(lines) + (f"\n\nSeeds: {', '.join(results)}. The experts' row: each task's own expert; "
-                               "normalised: the mean of HR@10 / the expert's and (AUC − 0.5) / (the expert's − 0.5), "
-                               "so 1 keeps both experts and 0 is chance on like prediction and no ranking.")
+    return "\n".join(lines)
+
+
+def table(results: dict) -> str:
+    def normalise(seed: dict, label: str) -> float:
+        return statistics.mean([seed[label]["test/hr@10"] / seed["experts"]["test/hr@10"],
+                                (seed[label][COLUMNS[2][1]] - 0.5) / (seed["experts"][COLUMNS[2][1]] - 0.5)])
+
+    labels = ["experts", MTL_LABEL, *(label for label, _ in METHODS.values())]
+    return _table(results, labels, COLUMNS, normalise) + (
+        f"\n\nSeeds: {', '.join(results)}. The experts' row: each task's own expert; normalised: the mean of HR@10 / "
+        "the expert's and (AUC − 0.5) / (the expert's − 0.5), so 1 keeps both experts and 0 is chance on like "
+        "prediction and no ranking.")
 
 
 def _domain(name: str) -> str:
@@ -172,11 +187,8 @@ def run_domains_seed(seed: int, output: Path) -> dict:
     }
     merges = {key: (label, [*experts, *args], _domain(DOMAINS[0])) for key, (label, args) in DOMAIN_METHODS.items()}
     for key, (label, args, first) in {**references, **merges}.items():
-        out = folder / key
-        seconds = None
-        if not (out / "metrics.json").is_file():
-            seconds = _llmrec(["merge", *args, "--seed", str(seed), str(out)], log)
-        rows[label] = _per_domain(json.loads((out / "metrics.json").read_text()), first)
+        metrics, seconds = _merged(folder / key, args, seed, log)
+        rows[label] = _per_domain(metrics, first)
         if seconds and key in merges:
             rows[label]["seconds"] = seconds
         print(f"seed {seed} {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in rows[label].items()), flush=True)
@@ -184,21 +196,15 @@ def run_domains_seed(seed: int, output: Path) -> dict:
 
 
 def domains_table(results: dict) -> str:
-    labels = list(next(iter(results.values())))
-    lines = ["| system | " + " | ".join(c for c, _ in DOMAIN_COLUMNS) + " | normalised | merge time (s) |",
-             "|---" + "|---:" * (len(DOMAIN_COLUMNS) + 2) + "|"]
-    for label in labels:
-        cells = [_stat([seed[label][key] for seed in results.values() if label in seed]) for _, key in DOMAIN_COLUMNS]
-        normalised = [statistics.mean(seed[label][f"{d}/hr@10"] / seed["experts"][f"{d}/hr@10"] for d in DOMAINS)
-                      for seed in results.values() if label in seed and all(seed["experts"][f"{d}/hr@10"]
-                                                                             for d in DOMAINS)]
-        seconds = [seed[label]["seconds"] for seed in results.values() if seed.get(label, {}).get("seconds")]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_stat(normalised)} | "
-                     + (f"{statistics.mean(seconds):.0f}" if seconds else "–") + " |")
-    return "\n".join(lines) + (f"\n\nSeeds: {', '.join(results)}. Each group's test users (200 seeded, all 136 "
-                               "for comedy), the whole catalog of that group's films ranked; the experts' row: each "
-                               "group's own expert; popularity: the group's most interacted films; normalised: the "
-                               "mean over groups of HR@10 / the group expert's.")
+    def normalise(seed: dict, label: str) -> float | None:
+        if not all(seed["experts"][f"{d}/hr@10"] for d in DOMAINS):
+            return None
+        return statistics.mean(seed[label][f"{d}/hr@10"] / seed["experts"][f"{d}/hr@10"] for d in DOMAINS)
+
+    return _table(results, list(next(iter(results.values()))), DOMAIN_COLUMNS, normalise) + (
+        f"\n\nSeeds: {', '.join(results)}. Each group's test users (200 seeded, all 136 for comedy), the whole "
+        "catalog of that group's films ranked; the experts' row: each group's own expert; popularity: the group's "
+        "most interacted films; normalised: the mean over groups of HR@10 / the group expert's.")
 
 
 FEDSA, FED_BASE = "fedsa-tiny", "fedlora-pretrain-tiny"
@@ -226,11 +232,7 @@ def run_federated_seed(seed: int, output: Path) -> dict:
                                   ("each client's personal adapter, on its own rows", "test/local"))}
     clients = [f"{folder / FEDSA}#client={k}" for k in range(federated["federated/clients"])]
     for key, (label, args) in FEDERATED_METHODS.items():
-        out = folder / key
-        seconds = None
-        if not (out / "metrics.json").is_file():
-            seconds = _llmrec(["merge", *clients, *args, "--seed", str(seed), str(out)], log)
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics, seconds = _merged(folder / key, [*clients, *args], seed, log)
         rows[label] = {k: metrics[f"test/{k}"] for _, k in FEDERATED_COLUMNS} | ({"seconds": seconds} if seconds
                                                                                   else {})
         print(f"seed {seed} {label}: " + ", ".join(f"{k} {rows[label][k]:.4f}" for _, k in FEDERATED_COLUMNS),
@@ -239,18 +241,9 @@ def run_federated_seed(seed: int, output: Path) -> dict:
 
 
 def federated_table(results: dict) -> str:
-    labels = list(next(iter(results.values())))
-    lines = ["| system | " + " | ".join(c for c, _ in FEDERATED_COLUMNS) + " | merge time (s) |",
-             "|---" + "|---:" * (len(FEDERATED_COLUMNS) + 1) + "|"]
-    for label in labels:
-        cells = [_stat([seed[label][key] for seed in results.values() if label in seed])
-                 for _, key in FEDERATED_COLUMNS]
-        seconds = [seed[label]["seconds"] for seed in results.values() if seed.get(label, {}).get("seconds")]
-        lines.append(f"| {label} | " + " | ".join(cells) + " | "
-                     + (f"{statistics.mean(seconds):.0f}" if seconds else "–") + " |")
-    return "\n".join(lines) + (f"\n\nSeeds: {', '.join(results)}. FedSA, 4 clients, 3 rounds; every row but the "
-                               "personal adapters' is scored on the pooled test rows of all clients (240); merges "
-                               "use no client data.")
+    return _table(results, list(next(iter(results.values()))), FEDERATED_COLUMNS) + (
+        f"\n\nSeeds: {', '.join(results)}. FedSA, 4 clients, 3 rounds; every row but the personal adapters' is "
+        "scored on the pooled test rows of all clients (240); merges use no client data.")
 
 
 USE_CASES = {  # name: (one seed's rows, the table, BENCHMARKS title, default output)

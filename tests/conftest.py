@@ -107,16 +107,18 @@ def fed_recipe(tmp_path: Path, rule: str = "fedlora_opt", name: str = "fed", **f
     return path
 
 
-def train_tiny_cora(root: Path, name: str = "cora") -> Path:
-    """`train_tiny` of a user-conditioned CoRA like-prediction run (3 steps); returns its run directory."""
+def train_tiny_cora(root: Path, name: str = "cora", **sections) -> Path:
+    """`train_tiny` of a user-conditioned CoRA like-prediction run (3 steps); returns its run directory. `sections`
+    replace recipe sections (e.g. `model`)."""
     data = {"source": {"format": "synthetic", "num_users": 60, "num_items": 40, "max_interactions": 15,
                        "latent_dim": 4}, "split": {"method": "temporal"}, "ctr": {"history_length": 3}}
     adapter = {"method": "cora", "args": {"r": 4, "query_dim": 32, "target_modules": "qv", "cf_dim": 8,
                                           "cf_epochs": 2, "conditioning": "user"}}
     stages = [{"trainer": "ctr", "args": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
                                          "logging_steps": 3, "save_steps": 3}}]
-    return train_tiny(root, name, data=data, adapter=adapter, stages=stages,
-                      eval={"task": "ctr", "splits": ["test"], "batch_size": 32}) / "runs" / name
+    return train_tiny(root, name, **{"data": data, "adapter": adapter, "stages": stages,
+                                     "eval": {"task": "ctr", "splits": ["test"], "batch_size": 32}, **sections}
+                      ) / "runs" / name
 
 
 @pytest.fixture

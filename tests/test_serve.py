@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import train_tiny
+from conftest import train_tiny, train_tiny_cora
 
 from llmrec.cli import main
 from llmrec.errors import LLMRecError
@@ -52,16 +52,8 @@ dimensions), and a run on another base."""
 @pytest.fixture(scope="module")
 def cora_run(tmp_path_factory) -> Path:
     """A CoRA run conditioned on the user only, on tiny:qwen2-s."""
-    root = tmp_path_factory.mktemp("serve-cora")
-    data = {"source": {"format": "synthetic", "num_users": 60, "num_items": 40, "max_interactions": 15,
-                       "latent_dim": 4}, "split": {"method": "temporal"}, "ctr": {"history_length": 3}}
-    adapter = {"method": "cora", "args": {"r": 4, "query_dim": 32, "target_modules": "qv", "cf_dim": 8,
-                                          "cf_epochs": 2, "conditioning": "user"}}
-    stages = [{"trainer": "ctr", "args": {"max_steps": 3, "per_device_train_batch_size": 8, "learning_rate": 3e-3,
-                                         "logging_steps": 3, "save_steps": 3}}]
-    project = train_tiny(root, "cora", model={"name": "tiny:qwen2-s", "tokenizer_vocab_size": 400}, data=data,
-                         adapter=adapter, stages=stages, eval={"task": "ctr", "splits": ["test"], "batch_size": 32})
-    return project / "runs" / "cora"
+    return train_tiny_cora(tmp_path_factory.mktemp("serve-cora"),
+                           model={"name": "tiny:qwen2-s", "tokenizer_vocab_size": 400})
 
 
 @pytest.fixture(autouse=True)
