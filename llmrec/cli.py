@@ -3,7 +3,8 @@
     llmrec train RECIPE [key=value ...] [--overwrite]          run a recipe (resumes an interrupted run)
     llmrec federate RECIPE [key=value ...] [--overwrite]       a federated recipe on Flower's simulation engine
     llmrec eval RUN_DIR [--split SPLIT]                        evaluate a finished run again
-    llmrec recommend RUN_DIR --user USER_ID [-k 10]            top-K items for one user (ranking runs)
+    llmrec recommend RUN_DIR --user USER_ID [-k 10] [--engine transformers|vllm]
+                                                               top-K items for one user (ranking runs)
     llmrec export RUN_DIR OUT [--to peft-lora|peft-prompt-tuning] [--user U [--item I] | --client K]
                                                                the trained adapter in a stock PEFT format
     llmrec push RUN_DIR REPO_ID [--private] [--revision BRANCH] [--user U [--item I] | --client K]
@@ -14,7 +15,8 @@
     llmrec merge MERGE_RECIPE [key=value ...]                 the same from a recipe (recipes/merging/*.yaml)
                                                                LoRA runs on one base merged into a new run
     llmrec serve RUN_DIR [RUN_DIR ...] [--host H] [--port N] [--gpu-memory-utilization F] [--dry-run] [-- VLLM_ARGS]
-                                                               vLLM's OpenAI server with each run's adapter
+                                                               vLLM's OpenAI server with each run's adapter,
+                                                               and POST /v1/recommend (llmrec.serve.recommend)
     llmrec recipe check|show RECIPE [key=value ...] [--all]    validate, or print the resolved recipe
     llmrec data stats RECIPE [key=value ...]                   counts per split and an example row
 
@@ -84,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     who.add_argument("--history", nargs="+", metavar="ITEM", help="a new user's items, oldest first (ids or titles)")
     recommend.add_argument("-k", type=int, default=10, help="how many items (the top k of the evaluation's ranking)")
     recommend.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    recommend.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                           help="rank with the model in this process, or on an in-process vLLM engine (the ranking "
+                           "`llmrec serve`'s /v1/recommend computes)")
 
     export = commands.add_parser("export", help="a finished run's adapter in a stock format")
     export.add_argument("run_dir")
@@ -311,6 +316,7 @@ def _eval(args: argparse.Namespace) -> None:
         raise LLMRecError(f"this run's data have no {args.split.removeprefix('ood_')} shift (see data.shifts).",
                           "--split")
     task = task_of(recipe)
+    task.run_path = run.path
     metrics, predictions = {}, {}
     for split in [args.split] if args.split else recipe.eval.splits:
         split_metrics, predictions[split] = task.evaluate(model, tokenizer, data, split)
@@ -331,8 +337,13 @@ def _recommend(args: argparse.Namespace) -> None:
 
     if args.k < 1:
         raise LLMRecError("must be at least 1.", "-k")
-    recipe, data, model, tokenizer, _ = load_trained(args.run_dir)
-    result = task_of(recipe).recommend(model, tokenizer, data, args.k, args.user, args.history)
+    recipe, data, model, tokenizer, run = load_trained(args.run_dir)
+    llm = lora_request = None
+    if args.engine == "vllm":
+        from llmrec.serve.engine import offline_engine
+
+        llm, lora_request = offline_engine(run.path)
+    result = task_of(recipe).recommend(model, tokenizer, data, args.k, args.user, args.history, llm, lora_request)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return

@@ -44,6 +44,12 @@ class EvalConfig(Section):
     num_beams: int | None = Field(None, ge=1, description="Beams (= items returned); default max(ks).")
     batch_size: int = Field(8, ge=1, description="Prompts per beam-search (or CTR / classification scoring) batch.")
     max_targets: int | None = Field(None, ge=1, description="Rank a seeded sample of this many targets (None: all).")
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="ranking: what runs the constrained beam search: 'transformers' (the trained model in this "
+        "process) or 'vllm' (a vLLM engine on the run's final/ adapter, llmrec.eval.vllm_ranking: the same ranking, "
+        "needs vLLM installed and one process).",
+    )
     exclude_history: bool = Field(True, description="Never recommend items the user already interacted with.")
     baselines: list[Literal["popularity", "random", "bpr_mf", "sasrec"]] = Field(
         default_factory=lambda: ["popularity", "random"],
@@ -67,6 +73,8 @@ class EvalConfig(Section):
     def _check(self) -> EvalConfig:
         if any(k < 1 for k in self.ks):
             raise ValueError("every K in ks must be at least 1")
+        if self.engine == "vllm" and self.task != "ranking":
+            raise ValueError(f"engine 'vllm' ranks items; eval.task {self.task!r} is evaluated with transformers")
         if self.num_beams is not None and self.num_beams < max(self.ks):
             raise ValueError(f"num_beams ({self.num_beams}) must be at least max(ks) ({max(self.ks)})")
         return self

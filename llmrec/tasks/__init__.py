@@ -60,6 +60,7 @@ class Task(abc.ABC):
 
     def __init__(self, recipe):
         self.recipe = recipe
+        self.run_path = None  # the run directory when it is not the recipe's (`llmrec eval` of a moved or pushed run)
 
     @property
     def config(self):
@@ -107,8 +108,9 @@ class Task(abc.ABC):
         """(metrics keyed `<split>/<metric>` and `baseline/...`, one prediction row per evaluated example)."""
 
     def recommend(self, model, tokenizer, data, k: int, user: str | None = None,
-                  history: list[str] | None = None) -> dict:
-        """The top-k items for a user of the run or for a history of items (tasks that rank items):
+                  history: list[str] | None = None, llm=None, lora_request=None) -> dict:
+        """The top-k items for a user of the run or for a history of items (tasks that rank items), ranked by the
+        model or by a vLLM engine (`llm`, with the run's adapter as `lora_request`):
         {"user", "history": [{"item_id", "title"}], "ranked": [{"rank", "item_id", "title", "logprob"}]}."""
         raise LLMRecError(f"this run is evaluated on eval.task: {self.name}, it does not rank items; use `llmrec "
                           "eval`.", "eval.task")

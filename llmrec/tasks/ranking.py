@@ -38,6 +38,29 @@ class Target:
     prompt: str
 
 
+@dataclass
+class RecommendationQuery:
+    """One recommendation to compute: the user (None for a given history), their items, the prompt, the catalog
+    trie with the items to exclude, and the beams and k."""
+
+    user: str | None
+    history: list[str]
+    prompt: str
+    trie: object
+    banned: dict[int, int]
+    beams: int
+    k: int
+
+    def result(self, titles: dict[str, str], ranked: list[tuple[str, float]]) -> dict:
+        """The answer of `llmrec recommend --json` and of the server's /v1/recommend."""
+        return {
+            "user": self.user,
+            "history": [{"item_id": item, "title": titles[item]} for item in self.history],
+            "ranked": [{"rank": rank, "item_id": item, "title": titles[item], "logprob": round(score, 4)}
+                       for rank, (item, score) in enumerate(ranked[: self.k], 1)],
+        }
+
+
 class RankingTask(Task):
     name = "ranking"
     description = "next-item ranking over the whole catalog (HR@K, NDCG@K) against popularity and random"
@@ -98,10 +121,12 @@ every recommendation is a real item."""
         targets = self.targets(data, split)
         trie = build_trie(tokenizer, data, self.recipe.data.task)
         logger.info(f"Ranking {len(data.titles)} items for {len(targets)} {split} targets ({config.beams} beams).")
-        ranked = rank_between_processes(
-            model, tokenizer, trie, [t.prompt for t in targets],
-            [t.history for t in targets] if config.exclude_history else None, config.beams, config.batch_size,
-        )
+        prompts = [t.prompt for t in targets]
+        excluded = [t.history for t in targets] if config.exclude_history else None
+        if config.engine == "vllm":
+            ranked = self._rank_on_vllm(tokenizer, trie, prompts, excluded)
+        else:
+            ranked = rank_between_processes(model, tokenizer, trie, prompts, excluded, config.beams, config.batch_size)
         rankings = [[item for item, _ in row] for row in ranked]
         wanted = [t.item_id for t in targets]
         prefix = split_prefix(split)
@@ -144,6 +169,23 @@ every recommendation is a real item."""
             for t, row, ranking in zip(targets, ranked, rankings)
         ]
         return metrics, predictions
+
+    def _rank_on_vllm(self, tokenizer, trie, prompts, excluded) -> list[list[tuple[str, float]]]:
+        """`eval.engine: vllm`: the same ranking on an in-process vLLM engine with the run's final/ adapter."""
+        from accelerate import PartialState
+
+        from llmrec.errors import LLMRecError
+        from llmrec.eval.vllm_ranking import rank_with_vllm
+        from llmrec.serve.engine import offline_engine, shutdown
+
+        if PartialState().num_processes > 1:
+            raise LLMRecError("vLLM ranks in one process, which holds the engine; evaluate without accelerate's "
+                              "processes (`llmrec eval RUN`) or with engine: transformers.", "eval.engine")
+        llm, lora = offline_engine(self.run_path or self.recipe.run_dir)
+        try:
+            return rank_with_vllm(llm, tokenizer, trie, prompts, excluded, self.recipe.eval.beams, lora)
+        finally:
+            shutdown(llm)
 
     def _trained_baseline(self, name: str, data):
         """BPR-MF or SASRec trained on `data` with `eval.baseline_args`, once per run (every split reuses it)."""
@@ -189,30 +231,41 @@ every recommendation is a real item."""
                               f"{name} {where}: {first['msg']}." if where else f"{name}: {first['msg']}."))
         return needs
 
-    def recommend(self, model, tokenizer, data, k: int, user: str | None = None,
-                  history: list[str] | None = None) -> dict:
-        """The top k of the ranking evaluation computes (`eval.num_beams` beams, at least k, so a shorter list is
-        the start of a longer one) for a user of the run, or for a history of item ids or titles (a new user)."""
+    def recommendation_query(self, tokenizer, data, k: int, user: str | None = None,
+                             history: list[str] | None = None, trie=None) -> RecommendationQuery:
+        """What ranking for a user of the run, or for a history of item ids or titles (a new user), needs: the top
+        k of the ranking evaluation computes (`eval.beams` beams, at least k, so a shorter list is the start of a
+        longer one). `trie`: the catalog's, when the caller keeps it."""
         from llmrec.data.tasks import format_prompt
-        from llmrec.eval.ranking import build_trie, rank_with_model
+        from llmrec.eval.ranking import build_trie
 
         recipe = self.recipe
         if history is None:
             history = _user_history(data, user)
         else:
-            history = [_item_of(data, item) for item in history]
-        trie = build_trie(tokenizer, data, recipe.data.task)
-        excluded = [history] if recipe.eval.exclude_history else None
-        beams = min(max(k, recipe.eval.beams), trie.available(trie.banned_counts(history) if excluded else None))
-        prompt = format_prompt(recipe.data.task, history, data.titles)
-        ranked = rank_with_model(model, tokenizer, trie, [prompt], excluded, beams, 1, progress=False)[0]
-        titles = data.titles
-        return {
-            "user": user,
-            "history": [{"item_id": item, "title": titles[item]} for item in history],
-            "ranked": [{"rank": rank, "item_id": item, "title": titles[item], "logprob": round(score, 4)}
-                       for rank, (item, score) in enumerate(ranked[:k], 1)],
-        }
+            history = [item_of(data, item) for item in history]
+        trie = trie or build_trie(tokenizer, data, recipe.data.task)
+        banned = trie.banned_counts(history) if recipe.eval.exclude_history else {}
+        beams = min(max(k, recipe.eval.beams), trie.available(banned))
+        return RecommendationQuery(user, history, format_prompt(recipe.data.task, history, data.titles), trie,
+                                   banned, beams, k)
+
+    def recommend(self, model, tokenizer, data, k: int, user: str | None = None,
+                  history: list[str] | None = None, llm=None, lora_request=None) -> dict:
+        """The top k for a user or a history (`recommendation_query`), ranked by the model, or by a vLLM engine
+        (`llm`, with the run's adapter as `lora_request`)."""
+        from llmrec.eval.ranking import rank_with_model
+        from llmrec.eval.vllm_ranking import rank_with_vllm
+
+        query = self.recommendation_query(tokenizer, data, k, user, history)
+        excluded = [query.history] if self.recipe.eval.exclude_history else None
+        if llm is None:
+            ranked = rank_with_model(model, tokenizer, query.trie, [query.prompt], excluded, query.beams, 1,
+                                     progress=False)[0]
+        else:
+            ranked = rank_with_vllm(llm, tokenizer, query.trie, [query.prompt], excluded, query.beams, lora_request,
+                                    progress=False)[0]
+        return query.result(data.titles, ranked)
 
     # --- reports -------------------------------------------------------------------------------------------------
 
@@ -330,7 +383,7 @@ def _user_history(data, user: str) -> list[str]:
     return [item for item, _ in sequences[user]]
 
 
-def _item_of(data, text: str) -> str:
+def item_of(data, text: str) -> str:
     """The item a catalog id or title names (a title matched exactly, then ignoring case)."""
     from llmrec.errors import LLMRecError, did_you_mean
 
