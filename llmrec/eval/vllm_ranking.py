@@ -103,9 +103,10 @@ def scores_of(output) -> dict[int, float]:
 
 def rank_with_vllm(llm, tokenizer, trie: CatalogTrie, prompts: Sequence[str],
                    excluded: Sequence[Sequence[str]] | None, num_beams: int, lora_request=None,
-                   batch_size: int = 64, progress: bool = True) -> list[list[tuple[str, float]]]:
+                   batch_size: int = 1, progress: bool = True) -> list[list[tuple[str, float]]]:
     """`rank_with_model` on a vLLM engine: for each prompt, up to `num_beams` (item, log-probability) pairs, best
-    first. `batch_size` prompts are searched together, so each engine call holds all their beams."""
+    first. `batch_size` prompts are searched together, so each engine call holds all their beams; on the CPU build
+    one at a time was fastest (quickstart, 20 beams: 0.26 s a user, against 0.41 with 4 and 0.49 with 32)."""
     from tqdm.auto import tqdm
 
     results: list[list[tuple[str, float]]] = []
