@@ -307,16 +307,14 @@ def _eval(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
     from llmrec.hub import is_hub_ref
-    from llmrec.run import finish, print_summary
+    from llmrec.run import evaluation_task, finish, print_summary
     from llmrec.rundir import load_trained
-    from llmrec.tasks import task_of
 
     recipe, data, model, tokenizer, run = load_trained(args.run_dir)
     if args.split and args.split.startswith("ood_") and recipe.data.shift(args.split.removeprefix("ood_")) is None:
         raise LLMRecError(f"this run's data have no {args.split.removeprefix('ood_')} shift (see data.shifts).",
                           "--split")
-    task = task_of(recipe)
-    task.run_path = run.path
+    task = evaluation_task(recipe, run.path)
     metrics, predictions = {}, {}
     for split in [args.split] if args.split else recipe.eval.splits:
         split_metrics, predictions[split] = task.evaluate(model, tokenizer, data, split)

@@ -123,9 +123,20 @@ def train(recipe: Recipe, overwrite: bool = False) -> dict:
     return metrics
 
 
+def evaluation_task(recipe: Recipe, run_path: Path):
+    """The recipe's task; with `eval.engine: vllm` it ranks on a vLLM engine of the run at `run_path` (its final/
+    adapter), which this layer provides so that the task needs no serving code."""
+    task = task_of(recipe)
+    if recipe.eval.engine == "vllm":
+        from llmrec.serve.engine import rank_on_vllm
+
+        task.engine_ranker = functools.partial(rank_on_vllm, run_path)
+    return task
+
+
 def _train_and_evaluate(recipe: Recipe, run: RunDir, data: RecData, state) -> dict:
     model, tokenizer = load_base_model(recipe, run, data, state)
-    task = task_of(recipe)
+    task = evaluation_task(recipe, run.path)
     task.check_tokenizer(tokenizer)  # before any training: a task it cannot score fails now
     adapter = get_adapter(recipe.adapter.method)
     done = [i for i in range(len(recipe.stages)) if run.stage_done(recipe, i)]

@@ -27,7 +27,6 @@ combines the ΔW (see `llmrec.merging.static`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -83,20 +82,9 @@ def _inputs(run_dirs: list[str | Path], workdir: Path):
     return inputs
 
 
-def base_identity(run, recipe) -> tuple:
-    """What makes two runs' bases the same: the Hub id and revision, or the weights and tokenizer of a built or
-    local base."""
-    from llmrec.models.tiny import is_tiny
-    from llmrec.publish.export import is_folder
-
-    name = recipe.model.name
-    if not is_tiny(name) and not is_folder(name):
-        return ("hub", name, recipe.model.revision)
-    folder = run.base if is_tiny(name) else Path(name).expanduser()
-    return ("weights", _digest(folder / "model.safetensors"), _digest(folder / "tokenizer.json"))
-
-
 def _check_compatible(inputs) -> None:
+    from llmrec.models import base_identity
+
     (first, first_recipe, first_adapter, _), rest = inputs[0], inputs[1:]
     base = base_identity(first, first_recipe)
     targets = sorted(read_json(first_adapter / "adapter_config.json")["target_modules"])
@@ -123,10 +111,6 @@ def _endpoints(inputs) -> list[tuple[str, object]]:
             name = run.path.name if run.path.name not in names else f"{run.path.name}-{len(endpoints)}"
             endpoints.append((name, recipe))
     return endpoints
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
 def merge_runs(run_dirs: list[str | Path], out: str | Path, config: MergeConfig,

@@ -7,6 +7,7 @@ unless the recipe sets it. Tiny models are built once per run directory (`base/`
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -113,3 +114,22 @@ def load_base(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def is_folder(name: str) -> bool:
+    """As `load_base` reads model.name: an existing folder, or a path (a Hub id has one slash)."""
+    return Path(name).expanduser().is_dir() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def base_identity(run, recipe) -> tuple:
+    """What makes two runs' bases the same (`run`: a RunDir): the Hub id and revision, or the weights and tokenizer
+    of a built or local base."""
+    name = recipe.model.name
+    if not is_tiny(name) and not is_folder(name):
+        return ("hub", name, recipe.model.revision)
+    folder = run.base if is_tiny(name) else Path(name).expanduser()
+    return ("weights", _file_digest(folder / "model.safetensors"), _file_digest(folder / "tokenizer.json"))
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""

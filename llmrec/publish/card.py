@@ -29,9 +29,9 @@ INDEXED_METRICS = {r"hr@(\d+)": "HR@{}", r"ndcg@(\d+)": "NDCG@{}", r"auc": "AUC"
 def hub_base_model(recipe) -> str | None:
     """The base model's Hub id, or None when it is on no Hub (a `tiny:` model or a local folder). A packaged model
     names the Hub repository its converted weights come from."""
+    from llmrec.models import is_folder
     from llmrec.models.packaged import PACKAGED
     from llmrec.models.tiny import is_tiny
-    from llmrec.publish.export import is_folder
 
     name = recipe.model.name
     if name in PACKAGED:

@@ -127,6 +127,7 @@ def make_portable(folder: Path, out: Path, run, recipe, what: str, tokenizer=Non
     `base_model_name_or_path` names the base as it loads from any working directory (a `tiny:` base is copied into
     `base/`), the run's tokenizer is beside the adapter (`tokenizer`, or final/'s), and README.md says what it is
     and how to load it. Every export path calls this, inside its `atomic_dir`."""
+    from llmrec.models import is_folder
     from llmrec.models.packaged import is_packaged
     from llmrec.models.tiny import is_tiny
 
@@ -151,6 +152,7 @@ def portable_base(folder: Path, out: Path, run, recipe) -> str:
     """The run's base model as it loads from any working directory: a packaged model's converted folder, a `tiny:`
     base copied into `folder/base/` (the temporary folder that becomes `out`), a local folder's absolute path, or the
     Hub id."""
+    from llmrec.models import is_folder
     from llmrec.models.packaged import is_packaged, packaged_folder
     from llmrec.models.tiny import is_tiny
 
@@ -172,11 +174,6 @@ def portable_base(folder: Path, out: Path, run, recipe) -> str:
     else:
         base = name
     return base
-
-
-def is_folder(name: str) -> bool:
-    """As `llmrec.models.load_base` reads model.name: an existing folder, or a path (a Hub id has one slash)."""
-    return Path(name).expanduser().is_dir() or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _readme(run, recipe, out: Path, base: str, config: dict, what: str, module: str) -> str:

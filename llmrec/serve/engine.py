@@ -43,6 +43,22 @@ def offline_engine(run_dir: str | Path, max_model_len: int | None = None):
     return llm, LoRARequest(name, 1, str(folder))
 
 
+def rank_on_vllm(run_dir: str | Path, tokenizer, trie, prompts, excluded, beams: int) -> list[list[tuple[str, float]]]:
+    """`eval.engine: vllm`: `rank_with_vllm` on an engine started for the run's final/ adapter, stopped after."""
+    from accelerate import PartialState
+
+    from llmrec.eval.vllm_ranking import rank_with_vllm
+
+    if PartialState().num_processes > 1:
+        raise LLMRecError("vLLM ranks in one process, which holds the engine; evaluate without accelerate's "
+                          "processes (`llmrec eval RUN`) or with engine: transformers.", "eval.engine")
+    llm, lora = offline_engine(run_dir)
+    try:
+        return rank_with_vllm(llm, tokenizer, trie, prompts, excluded, beams, lora)
+    finally:
+        shutdown(llm)
+
+
 def shutdown(llm) -> None:
     """Stop the engine's core (its memory is not returned otherwise until the process ends)."""
     llm.llm_engine.engine_core.shutdown()

@@ -91,7 +91,7 @@ def plan_serving(run_dirs: list[str | Path], host: str = "127.0.0.1", port: int 
     import torch
 
     from llmrec.hub import is_hub_ref, local_run_dir
-    from llmrec.merging.runs import base_identity
+    from llmrec.models import base_identity
     from llmrec.recipe import load_recipe
     from llmrec.rundir import RunDir
 

@@ -114,6 +114,14 @@ class Refusal(Exception):
         self.status, self.message, self.field = status, message, field
 
 
+def _error_response(status: int, message: str, field: str | None):
+    """An error in the shape of vLLM's own (`{"error": {message, type, param, code}}`)."""
+    from fastapi.responses import JSONResponse
+
+    error = {"message": message, "type": "invalid_request_error", "param": field, "code": status}
+    return JSONResponse({"error": error}, status_code=status)
+
+
 class RecommendPlugin:
     """vLLM's endpoint-plugin interface (`attach_router`, `init_state`) for /v1/recommend."""
 
@@ -137,9 +145,7 @@ class RecommendPlugin:
                                                     self.recommend(body, request.app.state.openai_serving_models))
                 return None if answer is None else JSONResponse(answer)
             except Refusal as refusal:
-                error = {"message": refusal.message, "type": "invalid_request_error", "param": refusal.field,
-                         "code": refusal.status}
-                return JSONResponse({"error": error}, status_code=refusal.status)
+                return _error_response(refusal.status, refusal.message, refusal.field)
 
         recommend.__annotations__["request"] = Request  # FastAPI resolves string annotations in module globals
         app.add_api_route("/v1/recommend", recommend, methods=["POST"])
@@ -150,7 +156,6 @@ class RecommendPlugin:
         """Replace vLLM's /v1/completions route by one that rewrites requests naming an EPT or LAMP run into
         `prompt_embeds` requests to the base model, then hands every request to vLLM's own handler."""
         from fastapi import Request
-        from fastapi.responses import JSONResponse
         from vllm.entrypoints.openai.completion.api_router import create_completion
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -161,8 +166,7 @@ class RecommendPlugin:
                     base = raw_request.app.state.openai_serving_models.model_name()
                     request = await asyncio.to_thread(soft_prompt.completion_request, request, base)
                 except LLMRecError as error:
-                    return JSONResponse({"error": {"message": error.message, "type": "invalid_request_error",
-                                                   "param": error.place, "code": 400}}, status_code=400)
+                    return _error_response(400, error.message, error.place)
             return await create_completion(request, raw_request)
 
         completions.__annotations__.update(request=CompletionRequest, raw_request=Request)
@@ -237,7 +241,8 @@ class RecommendPlugin:
             return catalog.task.recommendation_query(catalog.tokenizer, catalog.data, body.k, body.user, body.history,
                                                      catalog.trie)
         except LLMRecError as error:
-            raise Refusal(404 if body.user is not None else 422, error.message, "user" if body.user else "history") \
+            message = error.message.replace("--history", "history")  # the CLI's words, not the API's
+            raise Refusal(404 if body.user is not None else 422, message, "user" if body.user else "history") \
                 from None
 
     async def _search(self, catalog: ServedCatalog, query, lora) -> list[tuple[str, float]]:

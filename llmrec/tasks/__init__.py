@@ -60,7 +60,9 @@ class Task(abc.ABC):
 
     def __init__(self, recipe):
         self.recipe = recipe
-        self.run_path = None  # the run directory when it is not the recipe's (`llmrec eval` of a moved or pushed run)
+        # eval.engine: vllm: ranks (tokenizer, trie, prompts, excluded, beams) on the run's engine; set by the layer
+        # that knows the run (llmrec.run.evaluation_task)
+        self.engine_ranker = None
 
     @property
     def config(self):

@@ -107,6 +107,7 @@ every recommendation is a real item."""
     # --- evaluation ----------------------------------------------------------------------------------------------
 
     def evaluate(self, model, tokenizer, data, split: str) -> tuple[dict, list[dict]]:
+        from llmrec.errors import LLMRecError
         from llmrec.eval.metrics import ranking_metrics
         from llmrec.eval.ranking import (
             build_trie,
@@ -124,7 +125,10 @@ every recommendation is a real item."""
         prompts = [t.prompt for t in targets]
         excluded = [t.history for t in targets] if config.exclude_history else None
         if config.engine == "vllm":
-            ranked = self._rank_on_vllm(tokenizer, trie, prompts, excluded)
+            if self.engine_ranker is None:
+                raise LLMRecError("ranking on vLLM needs the run's engine; evaluate through `llmrec eval RUN` or "
+                                  "`llmrec train`.", "eval.engine")
+            ranked = self.engine_ranker(tokenizer, trie, prompts, excluded, config.beams)
         else:
             ranked = rank_between_processes(model, tokenizer, trie, prompts, excluded, config.beams, config.batch_size)
         rankings = [[item for item, _ in row] for row in ranked]
@@ -169,23 +173,6 @@ every recommendation is a real item."""
             for t, row, ranking in zip(targets, ranked, rankings)
         ]
         return metrics, predictions
-
-    def _rank_on_vllm(self, tokenizer, trie, prompts, excluded) -> list[list[tuple[str, float]]]:
-        """`eval.engine: vllm`: the same ranking on an in-process vLLM engine with the run's final/ adapter."""
-        from accelerate import PartialState
-
-        from llmrec.errors import LLMRecError
-        from llmrec.eval.vllm_ranking import rank_with_vllm
-        from llmrec.serve.engine import offline_engine, shutdown
-
-        if PartialState().num_processes > 1:
-            raise LLMRecError("vLLM ranks in one process, which holds the engine; evaluate without accelerate's "
-                              "processes (`llmrec eval RUN`) or with engine: transformers.", "eval.engine")
-        llm, lora = offline_engine(self.run_path or self.recipe.run_dir)
-        try:
-            return rank_with_vllm(llm, tokenizer, trie, prompts, excluded, self.recipe.eval.beams, lora)
-        finally:
-            shutdown(llm)
 
     def _trained_baseline(self, name: str, data):
         """BPR-MF or SASRec trained on `data` with `eval.baseline_args`, once per run (every split reuses it)."""
