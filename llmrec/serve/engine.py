@@ -3,7 +3,8 @@ recommend --engine vllm`).
 
 It is planned as `llmrec serve` plans the server (`plan_serving`: the same export, checks and CPU settings), so a
 ranking here and one from the server's /v1/recommend come from the same engine configuration. A CoRA run, whose
-adapter depends on the user, is ranked per user by the server only.
+adapter depends on the user, and an EPT or LAMP run, whose prompt goes in as embeddings, are ranked by the server
+only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from llmrec.serve.plan import VLLM_MISSING, plan_serving
 CPU_BLOCK_SIZE = 32  # the smallest KV block vLLM's CPU attention takes: prefix caching shares whole blocks
 
 
-def offline_engine(run_dir: str | Path, max_model_len: int | None = None):
+def offline_engine(run_dir: str | Path):
     """(vllm.LLM on the run's base model, the LoRARequest of its adapter)."""
     if importlib.util.find_spec("vllm") is None:
         raise LLMRecError(VLLM_MISSING + ".", "vllm")
@@ -29,12 +30,15 @@ def offline_engine(run_dir: str | Path, max_model_len: int | None = None):
     if plan.per_user:
         raise LLMRecError("a CoRA run's adapter depends on the user: rank on vLLM through `llmrec serve` and "
                           "POST /v1/recommend, which loads each user's adapter.", str(run_dir))
+    if not plan.adapters:
+        raise LLMRecError("an EPT or LAMP run has no LoRA module: rank on vLLM through `llmrec serve` and POST "
+                          "/v1/recommend, which sends its soft prompt as prompt embeddings.", str(run_dir))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB on the CPU build; plenty for ranking
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
     settings = dict(model=plan.base, enable_lora=True, max_lora_rank=plan.max_lora_rank, max_loras=1,
-                    enable_prefix_caching=True, revision=plan.revision, max_model_len=max_model_len)
+                    enable_prefix_caching=True, revision=plan.revision)
     if not torch.cuda.is_available():
         settings |= dict(dtype=plan.dtype, gpu_memory_utilization=plan.memory_share, block_size=CPU_BLOCK_SIZE,
                          enforce_eager=True)
