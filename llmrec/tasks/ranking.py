@@ -4,7 +4,8 @@ Rows: the SFT stage trains on next-item prompt–completion rows (`data.task`: t
 title); the preference stages build theirs from the same prompts (`llmrec.data.preferences`).
 
 Evaluation ranks the whole catalog for every target of a split by constrained beam search over a trie of the
-tokenised titles (`llmrec.eval.ranking`), so every recommendation is a real item; items the user already has are
+tokenised titles (`llmrec.eval.ranking`; with `eval.engine: vllm` the same search on a vLLM engine of the run,
+`llmrec.eval.vllm_ranking`), so every recommendation is a real item; items the user already has are
 excluded when `eval.exclude_history` (the baselines exclude them too, on the same targets). Metric keys, per split:
 `<split>/hr@K`, `<split>/ndcg@K`, `<split>/over_rec@K` (share of top-K slots taken by the three most recommended
 items) for K in `eval.ks`, `<split>/targets`, `<split>/catalog_items`, `<split>/valid_item_ratio` (greedy,
@@ -231,7 +232,8 @@ every recommendation is a real item."""
             history = _user_history(data, user)
         else:
             history = [item_of(data, item) for item in history]
-        trie = trie or build_trie(tokenizer, data, recipe.data.task)
+        if trie is None:
+            trie = build_trie(tokenizer, data, recipe.data.task)
         banned = trie.banned_counts(history) if recipe.eval.exclude_history else {}
         beams = min(max(k, recipe.eval.beams), trie.available(banned))
         return RecommendationQuery(user, history, format_prompt(recipe.data.task, history, data.titles), trie,
